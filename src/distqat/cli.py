@@ -1,0 +1,221 @@
+"""The only reader of argv: `distqat <command> [options] [--section.field VALUE ...]` -> Config -> role.
+
+Options after the command's own are config overrides (`--diloco.batch-size-per-step 16`, the docs'
+`--diloco-batch-size-per-step 16`, `--device cpu`, `--initial-peers ADDR`). Every DistQatError ends the
+command with its one-line message and exit code 1, after every process it started has been stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distqat.config import Config, load_config
+from distqat.errors import DistQatError
+
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="DistQat: distributed quantization-aware training on unreliable, heterogeneous machines.",
+)
+
+ConfigOption = typer.Option(None, "--config", "--config-path", "-c", help="YAML config (default: configs/demo.yaml)")
+MaxStepsOption = typer.Option(0, "--max-steps", min=0, help="stop after this many trainer steps in total (0: never)")
+SummaryOption = typer.Option(
+    None, "--summary", help="write the run summary JSON here (default: <log dir>/summary.json)"
+)
+
+
+def _load(config_path: Path | None, ctx: typer.Context) -> Config:
+    return load_config(config_path, ctx.args)
+
+
+def _run(body: Callable[[threading.Event], Any]) -> Any:
+    """Run a command with SIGTERM/SIGINT turned into a stop event; report DistQatErrors as one line."""
+    from distqat.launch import install_shutdown_handlers
+
+    stop = threading.Event()
+    install_shutdown_handlers(stop)
+    try:
+        return body(stop)
+    except DistQatError as error:
+        typer.echo(f"distqat: error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _role(name: str, config_path: Path | None, ctx: typer.Context, body: Callable[[Config, threading.Event], None]):
+    def run(stop: threading.Event) -> None:
+        from distqat.runtime import setup_role_process
+
+        config = _load(config_path, ctx)
+        logger = setup_role_process(name)
+        try:
+            body(config, stop)
+        except DistQatError as error:
+            logger.error("%s", error)
+            raise
+
+    _run(run)
+
+
+def _finish_launch(summary: dict[str, Any] | None, stop: threading.Event) -> None:
+    from distqat.launchers import console, print_summary
+
+    if summary is not None:
+        print_summary(summary)
+    elif not stop.is_set():
+        console.print("[yellow]no summary was written (see monitor.log)[/]")
+
+
+# --- launchers -------------------------------------------------------------------------------------------
+
+
+@app.command(context_settings=OVERRIDES)
+def local(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    max_steps: int = MaxStepsOption,
+    summary: Path = SummaryOption,
+    num_servers: int = typer.Option(None, "--num-servers", min=1, help="servers to start (default: world_size)"),
+) -> None:
+    """Run the whole swarm on this machine: monitor, stage servers, client and trainers."""
+    from distqat.launchers import run_local
+
+    def body(stop: threading.Event) -> None:
+        config = _load(config_path, ctx)
+        _finish_launch(run_local(config, stop, max_steps, summary, num_servers), stop)
+
+    _run(body)
+
+
+@app.command(context_settings=OVERRIDES)
+def coordinator(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    max_steps: int = MaxStepsOption,
+    summary: Path = SummaryOption,
+) -> None:
+    """Run the monitor and the client here; servers join from other machines."""
+    from distqat.launchers import run_coordinator
+
+    def body(stop: threading.Event) -> None:
+        config = _load(config_path, ctx)
+        _finish_launch(run_coordinator(config, stop, max_steps, summary), stop)
+
+    _run(body)
+
+
+@app.command(context_settings=OVERRIDES)
+def servers(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    num_servers: int = typer.Option(1, "--num-servers", min=1, help="stage servers to start on this machine"),
+    stage: str = typer.Option(None, "--stage", help="serve this stage (default: each takes the neediest)"),
+) -> None:
+    """Start stage servers on this machine that join a swarm (--initial-peers)."""
+    from distqat.launchers import run_servers
+
+    _run(lambda stop: run_servers(_load(config_path, ctx), stop, num_servers, stage))
+
+
+@app.command(context_settings=OVERRIDES)
+def baseline(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    max_steps: int = typer.Option(100, "--max-steps", min=0, help="steps to train (0: until Ctrl+C)"),
+    summary: Path = SummaryOption,
+) -> None:
+    """Train the same model, data and optimiser in this one process (what the swarm is measured against)."""
+    from distqat.distributed.trainer import run_baseline
+
+    def body(config: Config, stop: threading.Event) -> None:
+        _finish_launch(run_baseline(config, max_steps, stop, summary), stop)
+
+    _role("baseline", config_path, ctx, body)
+
+
+# --- roles (what the launchers start; also runnable by hand) ---------------------------------------------
+
+
+@app.command(context_settings=OVERRIDES)
+def monitor(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    log_dir: Path = typer.Option(None, "--log-dir", help="default: the config's log dir"),
+    max_steps: int = MaxStepsOption,
+    summary: Path = SummaryOption,
+    started_at: float = typer.Option(None, "--started-at", help="unix time the run started (for startup_s)"),
+) -> None:
+    """Bootstrap the DHT, write initial_peers.txt, log the swarm's metrics."""
+    from distqat.distributed.monitor import run_monitor
+
+    _role(
+        "monitor",
+        config_path,
+        ctx,
+        lambda config, stop: run_monitor(
+            config, stop, log_dir or config.resolved_log_dir, max_steps, summary, started_at
+        ),
+    )
+
+
+@app.command(context_settings=OVERRIDES)
+def client(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    log_dir: Path = typer.Option(None, "--log-dir", help="default: the config's log dir"),
+    max_steps: int = MaxStepsOption,
+) -> None:
+    """Keep one trainer per complete pipeline."""
+    from distqat.distributed.client import run_client
+
+    _role(
+        "client",
+        config_path,
+        ctx,
+        lambda config, stop: run_client(config, stop, log_dir or config.resolved_log_dir, max_steps),
+    )
+
+
+@app.command(context_settings=OVERRIDES)
+def server(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    stage: str = typer.Option(None, "--stage", help="stage to serve (default: the one with the fewest replicas)"),
+    expert_index: int = typer.Option(None, "--expert-index", min=0, help="replica index (default: smallest free)"),
+    ready_file: Path = typer.Option(None, "--ready-file", help="write the server's uid here once it is announced"),
+) -> None:
+    """Host one stage replica."""
+    from distqat.distributed.server import run_server
+
+    _role("server", config_path, ctx, lambda config, stop: run_server(config, stop, stage, expert_index, ready_file))
+
+
+@app.command(context_settings=OVERRIDES)
+def trainer(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    index: int = typer.Option(0, "--index", min=0, help="trainer slot (sets its id and data order)"),
+    max_steps: int = MaxStepsOption,
+) -> None:
+    """Train through the swarm's stages (the client starts these)."""
+    from distqat.distributed.trainer import run_trainer
+
+    _role("trainer", config_path, ctx, lambda config, stop: run_trainer(config, index, stop, max_steps))
+
+
+def main() -> None:
+    app(prog_name="distqat")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Configuration: pydantic models, one section per concern, loaded from YAML plus command-line overrides.
+
+Every field says its unit. Unknown fields are errors. `load_config` reports any problem as one
+`ConfigError` line naming the file (or the override), the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distqat.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = Path("configs") / "demo.yaml"
+
+
+def default_config_path() -> Path:
+    """configs/demo.yaml of the working directory, else of the source checkout DistQat runs from."""
+    here = Path.cwd() / DEFAULT_CONFIG_NAME
+    return here if here.is_file() else Path(__file__).resolve().parents[2] / DEFAULT_CONFIG_NAME
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset_name: str = Field("fashion_mnist", description="dataset: 'fashion_mnist', 'mnist_5k' or 'synthetic'")
+    dataset_config: str | None = Field(None, description="dataset sub-config (HF hub datasets)")
+    dataset_split: str = Field("train", description="split to train on: 'train' or 'test'")
+    data_dir: str | None = Field(None, description="folder with the dataset's files; None: where its package puts them")
+    task_type: Literal["cv", "llm", "speech"] = Field("cv", description="task: sets collate and loss")
+    num_workers: int = Field(0, ge=0, description="loader worker processes (0: in the trainer)")
+    precision: Literal["fp32", "fp16-mixed", "bf16", "bf16-mixed"] = Field(
+        "fp32", description="compute precision of the stages (mixed modes autocast on the stage's device)"
+    )
+    num_channels: int = Field(1, ge=1, le=4, description="image channels")
+    img_size: int = Field(28, ge=8, description="image side in pixels (images are resized to this)")
+    seq_len: int = Field(128, ge=1, description="tokens per sequence (llm)")
+    max_samples: int | None = Field(None, ge=1, description="use only the first N samples (None: all)")
+
+
+class OptimConfig(Section):
+    type: Literal["adam", "adamw", "sgd"] = Field("adam", description="optimiser")
+    adam_lr: float = Field(1e-3, gt=0, description="learning rate of adam/adamw")
+    adam_weight_decay: float = Field(0.0, ge=0, description="weight decay of adam/adamw")
+    adam_betas1: float = Field(0.9, ge=0, lt=1, description="adam beta1")
+    adam_betas2: float = Field(0.999, ge=0, lt=1, description="adam beta2")
+    sgd_lr: float = Field(0.1, gt=0, description="learning rate of sgd")
+    sgd_momentum: float = Field(0.0, ge=0, lt=1, description="momentum of sgd")
+    sgd_nesterov: bool = Field(False, description="Nesterov momentum (needs sgd_momentum > 0)")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimConfig:
+        if self.type == "sgd" and self.sgd_nesterov and self.sgd_momentum <= 0:
+            raise ValueError("sgd_nesterov needs sgd_momentum > 0")
+        return self
+
+
+class DilocoConfig(Section):
+    inner_optim: OptimConfig = Field(default_factory=OptimConfig, description="each replica's local optimiser")
+    outer_optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(type="sgd", sgd_lr=0.7, sgd_momentum=0.9, sgd_nesterov=True),
+        description="optimiser applied to averaged pseudo-gradients",
+    )
+    inner_steps: int = Field(500, ge=1, description="local steps between two averaging rounds")
+    outer_steps: int = Field(100, ge=1, description="number of averaging rounds")
+    batch_size_per_step: int = Field(32, ge=1, description="samples per training step (per trainer)")
+    averaging_timeout: float = Field(60.0, gt=0, description="seconds an averaging round may take")
+
+
+class StageConfig(Section):
+    model_name: str = Field(description="'<family>.<stage>', e.g. 'resnet18.head'")
+    num_classes: int = Field(10, ge=1, description="output classes (classification models)")
+    name: str | None = Field(None, description="stage name in uids and the DHT; default: the part after the dot")
+
+    @field_validator("model_name")
+    @classmethod
+    def _family_dot_stage(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+", value):
+            raise ValueError(f"'{value}' is not of the form '<family>.<stage>'")
+        return value
+
+    @property
+    def stage_name(self) -> str:
+        return self.name or self.model_name.split(".", 1)[1]
+
+
+class ModelPipelineConfig(Section):
+    pipeline: list[StageConfig] = Field(min_length=1, description="the stages, in order")
+    forward_timeout: float = Field(90.0, gt=0, description="seconds a stage's forward may take")
+    backward_timeout: float = Field(180.0, gt=0, description="seconds a stage's backward may take")
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> ModelPipelineConfig:
+        names = [stage.stage_name for stage in self.pipeline]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique, repeated: {duplicates} (set 'name' on the stages)")
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+                raise ValueError(f"stage name '{name}' may only hold letters, digits, '_' and '-'")
+        return self
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [stage.stage_name for stage in self.pipeline]
+
+
+class QuantConfig(Section):
+    enable: bool = Field(False, description="LSQ quantization-aware training")
+
+    @field_validator("enable")
+    @classmethod
+    def _not_built_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("quantization-aware training is not available in this version of DistQat yet")
+        return value
+
+
+class ParamMirrorConfig(Section):
+    enable: bool = Field(False, description="run a param mirror that checkpoints every stage")
+    refresh_every: float = Field(30.0, gt=0, description="seconds between two mirror refreshes")
+    checkpoint_dir: str | None = Field(None, description="checkpoint folder; None: checkpoints/<experiment_prefix>")
+
+    @field_validator("enable")
+    @classmethod
+    def _not_built_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("the param mirror is not available in this version of DistQat yet")
+        return value
+
+
+class DataServerConfig(Section):
+    prefetch: int = Field(4, ge=1, description="batches each trainer prepares ahead of the one it trains on")
+
+
+class NetworkConfig(Section):
+    host: str = Field("127.0.0.1", description="address to listen on (with public_ip set: 0.0.0.0)")
+    port: int = Field(0, ge=0, le=65535, description="DHT/P2P TCP port; 0 picks a free one")
+    public_ip: str | None = Field(None, description="address other machines reach this one at")
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of peers to join")
+    heartbeat_period: float = Field(1.5, gt=0, description="seconds between a server's announcements")
+    heartbeat_expiry: float = Field(
+        4.5, gt=0, description="seconds an announcement lives: a dead server vanishes after it"
+    )
+    client_poll_period: float = Field(1.0, gt=0, description="seconds between the client's looks at the DHT")
+    metrics_period: float = Field(1.0, gt=0, description="seconds between a trainer's metric records")
+    dht_timeout: float = Field(15.0, gt=0, description="seconds any DHT call may take")
+    ban_time: float = Field(15.0, ge=0, description="seconds a replica that failed a call is avoided")
+    max_pipelines: int | None = Field(
+        None, ge=1, description="cap on trainers the client runs (None: one per pipeline)"
+    )
+
+    @field_validator("initial_peers", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [peer.strip() for peer in value.split(",") if peer.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _expiry_after_period(self) -> NetworkConfig:
+        if self.heartbeat_expiry <= self.heartbeat_period:
+            raise ValueError("heartbeat_expiry must be longer than heartbeat_period")
+        return self
+
+
+class Config(Section):
+    experiment_prefix: str = Field("distqat", description="names the run: log dir, W&B run, DHT keys")
+    wandb_project: str | None = Field(None, description="W&B project; None: no W&B")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user)")
+    log_dir: str | None = Field(None, description="folder of the per-role logs; None: logs/<experiment_prefix>")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N' for stage servers")
+    world_size: int | None = Field(None, ge=1, description="servers `distqat local` starts; None: one per stage")
+    max_expert_index: int = Field(128, ge=1, description="replica indices per stage go 0..max_expert_index-1")
+    seed: int = Field(0, description="seed of model init and data order")
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    diloco: DilocoConfig = Field(default_factory=DilocoConfig)
+    model_pipeline: ModelPipelineConfig
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    param_mirror: ParamMirrorConfig = Field(default_factory=ParamMirrorConfig)
+    data_server: DataServerConfig = Field(default_factory=DataServerConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+
+    @field_validator("experiment_prefix")
+    @classmethod
+    def _safe_prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", value):
+            raise ValueError("may only hold letters, digits, '_', '.' and '-'")
+        return value
+
+    @field_validator("wandb_project", "wandb_entity", "log_dir", mode="before")
+    @classmethod
+    def _none_spelled_out(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in {"none", "null", ""} else value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"'{value}' is not one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    @property
+    def resolved_log_dir(self) -> Path:
+        return Path(self.log_dir) if self.log_dir else Path("logs") / self.experiment_prefix
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.model_pipeline.pipeline)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `--section.field value` overrides, validate; raise one-line ConfigError."""
+    path = Path(path) if path is not None else default_config_path()
+    raw = _read_yaml(path)
+    pairs = parse_override_args(overrides)
+    for dotted, text in pairs:
+        keys = resolve_override_key(dotted)
+        _set_nested(raw, keys, _parse_value(text))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {format_validation_error(error)}") from None
+
+
+def dump_config(config: Config, path: Path) -> None:
+    """Write the fully resolved config, so child processes see exactly what the parent validated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return data
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """All of a validation error's problems on one line: `field.path: what is wrong (got value)`."""
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif "input" in item and not isinstance(item["input"], dict | list):
+            message = f"{message} (got {item['input']!r})"
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command-line overrides: `--diloco.batch-size-per-step 16`, `--diloco-batch-size-per-step=16`, `--device cpu`
+
+
+def parse_override_args(args: Sequence[str]) -> list[tuple[str, str]]:
+    """Pair `--key value` / `--key=value` / bare `--flag` (meaning true) tokens."""
+    pairs: list[tuple[str, str]] = []
+    index = 0
+    while index < len(args):
+        token = args[index]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(
+                f"command line: unexpected argument '{token}' (overrides look like --section.field VALUE)"
+            )
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            following = args[index + 1] if index + 1 < len(args) else None
+            if following is None or following.startswith("--"):
+                value = "true"
+            else:
+                value = following
+                index += 1
+        pairs.append((key, value))
+        index += 1
+    return pairs
+
+
+def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths.extend(_leaf_paths(annotation, (*prefix, name)))
+        else:
+            paths.append((*prefix, name))
+    return paths
+
+
+def _spellings(path: tuple[str, ...]) -> set[str]:
+    dotted = ".".join(path)
+    return {dotted, dotted.replace("_", "-"), "-".join(path).replace("_", "-"), "_".join(path)}
+
+
+def resolve_override_key(key: str) -> tuple[str, ...]:
+    """Map a command-line key to a config path, accepting dotted, dashed and unique-leaf spellings."""
+    normalized = key.replace("_", "-")
+    paths = _leaf_paths(Config)
+    for path in paths:
+        if key in _spellings(path) or normalized in _spellings(path):
+            return path
+    # The docs' short forms (`--initial-peers`, `--public-ip`) name a leaf that is unique across sections.
+    leaf_matches = [path for path in paths if path[-1].replace("_", "-") == normalized]
+    if len(leaf_matches) == 1:
+        return leaf_matches[0]
+    if len(leaf_matches) > 1:
+        options = ", ".join("--" + ".".join(p).replace("_", "-") for p in leaf_matches)
+        raise ConfigError(f"command line: --{key} is ambiguous, say one of {options}")
+    raise ConfigError(f"command line: --{key} is not a config field (see configs/template_config.yaml)")
+
+
+def _parse_value(text: str) -> Any:
+    if text.strip().lower() in {"none", "null"}:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_nested(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value

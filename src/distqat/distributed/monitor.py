@@ -1,0 +1,178 @@
+"""Monitor (`distqat monitor`): bootstraps the DHT, watches the swarm, logs metrics, ends bounded runs.
+
+It writes `initial_peers.txt` in the log dir (the addresses other peers join through), reads the
+servers' and trainers' records every half second, appends the swarm's state to `metrics.jsonl` (and
+W&B), and, when `--max-steps` is set, writes the run summary and exits once the trainers' steps add up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distqat.config import Config
+from distqat.distributed.sinks import JsonlSink, WandbSink
+from distqat.errors import SwarmError
+from distqat.swarm import records
+from distqat.swarm.node import start_dht, visible_maddrs
+from distqat.swarm.pipelines import count_complete_pipelines
+
+logger = logging.getLogger(__name__)
+
+POLL_PERIOD = 0.5  # seconds between two looks at the DHT
+INITIAL_PEERS_FILE = "initial_peers.txt"
+
+
+@dataclass
+class SwarmView:
+    """What the monitor has seen so far; survives trainer restarts (a restarted trainer counts from 0 again)."""
+
+    latest: dict[str, records.TrainerMetrics] = field(default_factory=dict)
+    first_loss: dict[str, float] = field(default_factory=dict)
+    retired_steps: int = 0
+    retired_samples: int = 0
+    replicas: dict[str, list[records.ServerInfo]] = field(default_factory=dict)
+    pipelines: int = 0
+
+    def update(
+        self,
+        trainers: list[records.TrainerMetrics],
+        replicas: dict[str, list[records.ServerInfo]],
+        stage_names: list[str],
+    ) -> None:
+        for metrics in trainers:
+            previous = self.latest.get(metrics.trainer_id)
+            if previous is not None and metrics.updated_at < previous.updated_at:
+                continue  # an older copy from another DHT node
+            if previous is not None and metrics.step < previous.step:
+                self.retired_steps += previous.step
+                self.retired_samples += previous.samples
+            self.latest[metrics.trainer_id] = metrics
+            if math.isfinite(metrics.first_loss_avg):
+                self.first_loss.setdefault(metrics.trainer_id, metrics.first_loss_avg)
+        self.replicas = replicas
+        self.pipelines = count_complete_pipelines(replicas, stage_names)
+
+    @property
+    def steps(self) -> int:
+        return self.retired_steps + sum(m.step for m in self.latest.values())
+
+    @property
+    def samples(self) -> int:
+        return self.retired_samples + sum(m.samples for m in self.latest.values())
+
+    def row(self, now: float) -> dict[str, Any]:
+        active = [m for m in self.latest.values() if now - m.updated_at < 30 and not m.finished]
+        losses = [m.loss_avg for m in self.latest.values() if math.isfinite(m.loss_avg)]
+        return {
+            "time": now,
+            "steps": self.steps,
+            "samples": self.samples,
+            "loss": sum(losses) / len(losses) if losses else None,
+            "samples_per_s": sum(m.samples_per_s for m in active),
+            "pipelines": self.pipelines,
+            "servers": sum(len(r) for r in self.replicas.values()),
+            "replicas": {stage: len(found) for stage, found in self.replicas.items()},
+            "trainers": {
+                m.trainer_id: {
+                    "step": m.step,
+                    "loss": m.loss_avg,
+                    "samples_per_s": m.samples_per_s,
+                    "failures": m.failures,
+                }
+                for m in self.latest.values()
+            },
+            "bytes_sent": sum(m.bytes_sent for m in self.latest.values()),
+            "bytes_received": sum(m.bytes_received for m in self.latest.values()),
+        }
+
+    def summary(self, started_at: float, now: float) -> dict[str, Any]:
+        trainers = list(self.latest.values())
+        first_steps = [m.first_step_at for m in trainers if m.first_step_at > 0]
+        last = [m.loss_avg for m in trainers if math.isfinite(m.loss_avg)]
+        return {
+            "mode": "swarm",
+            "steps": self.steps,
+            "samples": self.samples,
+            "first_loss": sum(self.first_loss.values()) / len(self.first_loss) if self.first_loss else None,
+            "last_loss": sum(last) / len(last) if last else None,
+            "wall_s": now - started_at,
+            "samples_per_s": sum(m.samples / m.train_time_s for m in trainers if m.train_time_s > 0),
+            "startup_s": min(first_steps) - started_at if first_steps else None,
+            "pipelines": self.pipelines,
+            "servers": sum(len(r) for r in self.replicas.values()),
+            "trainers": len(trainers),
+            "failed_steps": sum(m.failures for m in trainers),
+            "bytes_sent": sum(m.bytes_sent for m in trainers),
+            "bytes_received": sum(m.bytes_received for m in trainers),
+        }
+
+
+def run_monitor(
+    config: Config,
+    stop: threading.Event,
+    log_dir: Path,
+    max_steps: int = 0,
+    summary_path: Path | None = None,
+    started_at: float | None = None,
+) -> None:
+    started_at = started_at or time.time()
+    stage_names = config.model_pipeline.stage_names
+    dht = start_dht(config.network)
+    sinks: list[JsonlSink | WandbSink] = []
+    view = SwarmView()
+    try:
+        peers = ",".join(visible_maddrs(dht))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a launcher polling for the file never reads half of it.
+        staging = log_dir / f".{INITIAL_PEERS_FILE}.tmp"
+        staging.write_text(peers + "\n")
+        staging.replace(log_dir / INITIAL_PEERS_FILE)
+        logger.info("DHT up; initial peers: %s", peers)
+        sinks.append(JsonlSink(log_dir / "metrics.jsonl"))
+        wandb_sink = WandbSink.open(
+            config.wandb_project, config.wandb_entity, config.experiment_prefix, config.model_dump(mode="json")
+        )
+        if wandb_sink is not None:
+            sinks.append(wandb_sink)
+        last_logged_steps, last_row_at = -1, 0.0
+        while not stop.is_set():
+            try:
+                trainers = records.fetch_trainer_metrics(dht, config.experiment_prefix, config.network.dht_timeout)
+                replicas = records.fetch_replicas(
+                    dht, config.experiment_prefix, stage_names, config.network.dht_timeout
+                )
+                view.update(trainers, replicas, stage_names)
+            except SwarmError as error:
+                logger.warning("could not read the swarm: %s", error)
+            now = time.time()
+            if view.steps != last_logged_steps or now - last_row_at > 5.0:
+                row = view.row(now)
+                for sink in sinks:
+                    sink.log(row)
+                logger.info(
+                    "step %d | loss %s | %.1f samples/s | pipelines %d | servers %d",
+                    row["steps"],
+                    f"{row['loss']:.4f}" if row["loss"] is not None else "-",
+                    row["samples_per_s"],
+                    row["pipelines"],
+                    row["servers"],
+                )
+                last_logged_steps, last_row_at = view.steps, now
+            if max_steps > 0 and view.steps >= max_steps:
+                logger.info("reached %d steps: run complete", view.steps)
+                break
+            stop.wait(POLL_PERIOD)
+    finally:
+        if summary_path is not None:
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            summary_path.write_text(json.dumps(view.summary(started_at, time.time()), indent=2))
+        for sink in sinks:
+            sink.close()
+        dht.shutdown()

@@ -1,0 +1,115 @@
+"""One training step through the stages: remotely through the swarm, or locally (the baseline).
+
+The remote step relays every hop through the trainer (as SWARM and Petals do): the trainer holds each
+boundary's activations, so a failed hop can be retried on another replica without asking a server to
+redo work; the cost is that the trainer's link carries each boundary twice per step (reported as
+bytes_sent / bytes_received).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distqat.config import Config
+from distqat.distributed.optim import build_optimizer
+from distqat.models import build_pipeline_stages
+from distqat.swarm.records import ServerInfo
+from distqat.swarm.routing import Router
+from distqat.swarm.rpc import StageClient
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+class Pipeline(Protocol):
+    async def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float: ...
+
+
+@dataclass
+class TrafficCounter:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class RemotePipeline:
+    """Routes a micro-batch through one replica per stage and its gradient back through the same ones."""
+
+    config: Config
+    client: StageClient
+    router: Router
+    traffic: TrafficCounter = field(default_factory=TrafficCounter)
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    async def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        timeouts = self.config.model_pipeline
+        micro_batch = str(next(self._ids))
+        route: list[ServerInfo] = [self.router.pick(stage) for stage in self.router.stage_names]
+        activations = inputs
+        for replica in route:
+            try:
+                result = await self.client.call(
+                    replica, "forward", [activations], {"mb": micro_batch}, timeouts.forward_timeout
+                )
+            except Exception:
+                self.router.ban(replica.uid)
+                raise
+            self._count(result.bytes_sent, result.bytes_received)
+            (activations,) = result.tensors
+
+        logits = activations.requires_grad_(True)
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        grad = logits.grad
+        for position in reversed(range(len(route))):
+            replica = route[position]
+            want_grad = position > 0  # the first stage's input is data: its gradient is not needed
+            try:
+                result = await self.client.call(
+                    replica,
+                    "backward",
+                    [grad],
+                    {"mb": micro_batch, "want_grad": want_grad},
+                    timeouts.backward_timeout,
+                )
+            except Exception:
+                self.router.ban(replica.uid)
+                raise
+            self._count(result.bytes_sent, result.bytes_received)
+            if want_grad:
+                (grad,) = result.tensors
+        return float(loss.detach())
+
+    def _count(self, sent: int, received: int) -> None:
+        self.traffic.bytes_sent += sent
+        self.traffic.bytes_received += received
+
+
+class LocalPipeline:
+    """The same stages, optimisers and loss in this one process: the baseline the swarm is measured against."""
+
+    def __init__(self, config: Config):
+        self.stages: list[nn.Module] = [
+            stage.train() for stage in build_pipeline_stages(config.model_pipeline.pipeline, config.data, config.seed)
+        ]
+        self.optimizers = [build_optimizer(stage.parameters(), config.diloco.inner_optim) for stage in self.stages]
+        self.traffic = TrafficCounter()
+
+    async def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        activations = inputs
+        for stage in self.stages:
+            activations = stage(activations)
+        loss = loss_fn(activations, labels)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return float(loss.detach())

@@ -1,0 +1,241 @@
+"""Trainer (`distqat trainer`, started by the client; `distqat baseline` runs the same loop locally).
+
+Takes batches, pushes each through the pipeline, and publishes its progress to the DHT. A failed hop
+(timeout, dead peer, server error) is logged as one line, the replica is avoided for `network.ban_time`
+seconds and the batch is retried on a fresh route; with no route at all it waits for one, and the client
+stops it if the pipeline is gone for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hivemind import DHT
+
+from distqat.config import Config
+from distqat.data import BatchStream, load_dataset
+from distqat.distributed.pipeline import LocalPipeline, Pipeline, RemotePipeline, TrafficCounter
+from distqat.errors import NoReplicaError, StageCallError, SwarmError
+from distqat.swarm import records
+from distqat.swarm.node import start_dht
+from distqat.swarm.routing import Router
+from distqat.swarm.rpc import StageClient
+
+logger = logging.getLogger(__name__)
+
+LOSS_WINDOW = 10  # steps averaged into first_loss_avg / loss_avg
+
+
+@dataclass
+class Progress:
+    """A trainer's running totals, turned into a TrainerMetrics record or a run summary."""
+
+    trainer_id: str
+    step: int = 0
+    samples: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    losses: deque[float] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
+    first_losses: list[float] = field(default_factory=list)
+    started: float | None = None  # monotonic time the first step started
+    first_step_at: float = 0.0
+
+    def start_step(self) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+
+    def finish_step(self, loss: float, batch_size: int) -> None:
+        self.step += 1
+        self.samples += batch_size
+        self.losses.append(loss)
+        if len(self.first_losses) < LOSS_WINDOW:
+            self.first_losses.append(loss)
+        if self.step == 1:
+            self.first_step_at = time.time()
+
+    @property
+    def train_time_s(self) -> float:
+        return 0.0 if self.started is None else time.monotonic() - self.started
+
+    def record(self, peer_id: str, traffic: TrafficCounter, finished: bool = False) -> records.TrainerMetrics:
+        train_time = self.train_time_s
+        return records.TrainerMetrics(
+            trainer_id=self.trainer_id,
+            peer_id=peer_id,
+            step=self.step,
+            samples=self.samples,
+            loss=self.losses[-1] if self.losses else float("nan"),
+            loss_avg=sum(self.losses) / len(self.losses) if self.losses else float("nan"),
+            first_loss_avg=sum(self.first_losses) / len(self.first_losses) if self.first_losses else float("nan"),
+            samples_per_s=self.samples / train_time if train_time > 0 else 0.0,
+            train_time_s=train_time,
+            first_step_at=self.first_step_at,
+            updated_at=time.time(),
+            bytes_sent=traffic.bytes_sent,
+            bytes_received=traffic.bytes_received,
+            failures=self.failures,
+            finished=finished,
+            last_error=self.last_error,
+        )
+
+
+async def train(
+    pipeline: Pipeline,
+    batches: BatchStream,
+    progress: Progress,
+    max_steps: int,
+    stop: threading.Event,
+    on_no_route: asyncio.Event | None = None,
+    retry_wait_s: float = 1.0,
+) -> None:
+    """Train until `max_steps` (0: forever) or `stop`; hop failures are retried, other errors propagate."""
+    inputs, labels = batches.next()
+    while not stop.is_set() and (max_steps <= 0 or progress.step < max_steps):
+        progress.start_step()
+        try:
+            loss = await pipeline.train_step(inputs, labels)
+        except (StageCallError, NoReplicaError) as error:
+            progress.failures += 1
+            progress.last_error = str(error)
+            logger.error("step %d failed: %s", progress.step + 1, error)
+            if on_no_route is not None:
+                on_no_route.set()  # ask for a fresh view of the swarm before retrying
+            await asyncio.to_thread(stop.wait, retry_wait_s)
+            continue
+        progress.finish_step(loss, len(labels))
+        logger.info(
+            "step %d loss %.4f (avg %.4f) %.1f samples/s",
+            progress.step,
+            loss,
+            sum(progress.losses) / len(progress.losses),
+            progress.samples / progress.train_time_s,
+        )
+        inputs, labels = batches.next()
+
+
+async def _refresh_routes(dht: DHT, config: Config, router: Router, stop: threading.Event, wake: asyncio.Event):
+    while not stop.is_set():
+        try:
+            replicas = await asyncio.to_thread(
+                records.fetch_replicas, dht, config.experiment_prefix, router.stage_names, config.network.dht_timeout
+            )
+            router.update(replicas)
+        except SwarmError as error:
+            logger.warning("could not refresh replicas: %s", error)
+        wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), config.network.client_poll_period)
+
+
+async def _publish_metrics(dht, config, progress, traffic, stop: threading.Event, peer_id: str) -> None:
+    while not stop.is_set():
+        await asyncio.to_thread(stop.wait, config.network.metrics_period)
+        if progress.step == 0:
+            continue
+        try:
+            await asyncio.to_thread(
+                records.publish_trainer_metrics,
+                dht,
+                config.experiment_prefix,
+                progress.record(peer_id, traffic),
+                config.network.dht_timeout,
+            )
+        except SwarmError as error:
+            logger.warning("could not publish metrics: %s", error)
+
+
+async def _train_in_swarm(
+    config: Config, dht: DHT, batches: BatchStream, progress: Progress, max_steps: int, stop: threading.Event
+) -> None:
+    p2p = await dht.replicate_p2p()
+    router = Router(config.model_pipeline.stage_names, ban_time=config.network.ban_time)
+    pipeline = RemotePipeline(config, StageClient(p2p), router)
+    peer_id = dht.peer_id.to_base58()
+    wake = asyncio.Event()
+    helpers_stop = threading.Event()
+    helpers = [
+        asyncio.create_task(_refresh_routes(dht, config, router, helpers_stop, wake)),
+        asyncio.create_task(_publish_metrics(dht, config, progress, pipeline.traffic, helpers_stop, peer_id)),
+    ]
+    try:
+        await asyncio.sleep(0)  # let the first route refresh start
+        await train(pipeline, batches, progress, max_steps, stop, on_no_route=wake)
+        finished = max_steps > 0 and progress.step >= max_steps
+        await asyncio.to_thread(
+            records.publish_trainer_metrics,
+            dht,
+            config.experiment_prefix,
+            progress.record(peer_id, pipeline.traffic, finished=finished),
+            config.network.dht_timeout,
+        )
+        logger.info(
+            "trainer stopped at step %d (%d samples, %d failed steps)",
+            progress.step,
+            progress.samples,
+            progress.failures,
+        )
+    finally:
+        helpers_stop.set()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await p2p.shutdown()
+
+
+def run_trainer(config: Config, index: int, stop: threading.Event, max_steps: int) -> None:
+    dataset = load_dataset(config.data)
+    batches = BatchStream(
+        dataset,
+        config.data,
+        config.diloco.batch_size_per_step,
+        seed=config.seed * 1000 + index,
+        prefetch=config.data_server.prefetch,
+    )
+    progress = Progress(trainer_id=f"trainer_{index}")
+    dht = start_dht(config.network, client_mode=True)
+    try:
+        asyncio.run(_train_in_swarm(config, dht, batches, progress, max_steps, stop))
+    finally:
+        batches.close()
+        dht.shutdown()
+
+
+def run_baseline(config: Config, max_steps: int, stop: threading.Event, summary_path: Path | None) -> dict:
+    """Train the same stages in this one process, with the same data, batch size and optimiser."""
+    dataset = load_dataset(config.data)
+    batches = BatchStream(
+        dataset,
+        config.data,
+        config.diloco.batch_size_per_step,
+        seed=config.seed * 1000,
+        prefetch=config.data_server.prefetch,
+    )
+    pipeline = LocalPipeline(config)
+    progress = Progress(trainer_id="baseline")
+    started = time.monotonic()
+    try:
+        asyncio.run(train(pipeline, batches, progress, max_steps, stop))
+    finally:
+        batches.close()
+    record = progress.record(peer_id="local", traffic=pipeline.traffic, finished=True)
+    summary = {
+        "mode": "baseline",
+        "steps": record.step,
+        "samples": record.samples,
+        "first_loss": record.first_loss_avg,
+        "last_loss": record.loss_avg,
+        "wall_s": time.monotonic() - started,
+        "samples_per_s": record.samples_per_s,
+        "pipelines": 1,
+        "servers": 0,
+    }
+    if summary_path is not None:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=2))
+    return summary

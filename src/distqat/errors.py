@@ -1,0 +1,42 @@
+"""Typed errors: one class per failure a caller can act on.
+
+Every message is meant to be shown to a user as one line that names the file, field or peer at fault.
+"""
+
+from __future__ import annotations
+
+
+class DistQatError(Exception):
+    """Base class of every error DistQat raises on purpose."""
+
+
+class ConfigError(DistQatError):
+    """A config file or override is missing, malformed or invalid."""
+
+
+class DataError(DistQatError):
+    """A dataset cannot be found or read."""
+
+
+class ModelError(DistQatError):
+    """A model or stage name is unknown, or a stage cannot be built."""
+
+
+class SwarmError(DistQatError):
+    """Something went wrong talking to the swarm (DHT or a peer)."""
+
+
+class StageCallError(SwarmError):
+    """A remote stage call failed; `retryable` tells whether another replica may succeed."""
+
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class StageTimeoutError(StageCallError):
+    """A remote stage call did not answer within its timeout (the peer is dead, frozen or overloaded)."""
+
+
+class NoReplicaError(SwarmError):
+    """A stage has no live replica to route to."""

@@ -1,0 +1,268 @@
+"""Launchers: `distqat local`, `distqat coordinator` and `distqat servers` start role processes and watch them.
+
+Each role runs as `python -m distqat <role>` under a guardian (see `launch.py`), logs to its own file in
+the log dir, and is stopped by the PID we started, on every way out: normal end, Ctrl+C, SIGTERM, or the
+launcher being killed (then the guardians stop the roles themselves).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from distqat.config import Config, dump_config
+from distqat.distributed.monitor import INITIAL_PEERS_FILE
+from distqat.errors import DistQatError
+from distqat.launch import ProcessSupervisor, RoleProcess
+
+console = Console(highlight=False)
+
+ROLE_START_TIMEOUT = 180.0  # seconds for a role to come up (imports torch, starts a DHT node)
+
+
+class LaunchError(DistQatError):
+    """A role failed to start or died while the launcher needed it."""
+
+
+def claim_log_dir(config: Config) -> tuple[Path, TextIO]:
+    """Lock the config's log dir for this run; if another live run holds it, use `<log_dir>-2`, `-3`, ..."""
+    base = config.resolved_log_dir
+    for attempt in range(1, 100):
+        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        candidate.mkdir(parents=True, exist_ok=True)
+        lock = (candidate / ".lock").open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        lock.write(str(os.getpid()))
+        lock.flush()
+        if candidate != base:
+            console.print(f"[yellow]{base} is in use by another run; logging to {candidate}[/]")
+        return candidate, lock
+    raise LaunchError(f"{base}: could not find a free log dir next to it")
+
+
+def role_argv(role: str, config_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "distqat", role, "--config", str(config_path), *args]
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
+def describe_exit(process: RoleProcess, code: int) -> str:
+    last = _last_line(process.log_path)
+    return f"{process.name} exited with code {code} (log: {process.log_path})" + (f": {last}" if last else "")
+
+
+def wait_for_file(path: Path, owner: RoleProcess, stop: threading.Event, timeout: float = ROLE_START_TIMEOUT) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        if path.exists():
+            return path.read_text().strip()
+        code = owner.poll()
+        if code is not None:
+            raise LaunchError(describe_exit(owner, code))
+        time.sleep(0.1)
+    if stop.is_set():
+        raise KeyboardInterrupt
+    raise LaunchError(f"{owner.name} did not write {path} within {timeout:.0f} s (log: {owner.log_path})")
+
+
+def threads_per_server(num_servers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, num_servers))
+
+
+class ProgressPrinter:
+    """Echoes the monitor's `metrics.jsonl` rows as progress lines."""
+
+    def __init__(self, path: Path):
+        self._path, self._offset, self._last_steps = path, 0, -1
+
+    def poll(self) -> None:
+        try:
+            with self._path.open() as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return
+        complete, _, _ = chunk.rpartition("\n")
+        self._offset += len(complete) + (1 if complete else 0)
+        for line in filter(None, complete.splitlines()):
+            row = json.loads(line)
+            if row["steps"] == self._last_steps:
+                continue
+            self._last_steps = row["steps"]
+            loss = f"{row['loss']:.4f}" if row.get("loss") is not None else "-"
+            console.print(
+                f"step {row['steps']:>5} | loss {loss} | {row['samples_per_s']:7.1f} samples/s | "
+                f"pipelines {row['pipelines']} | servers {row['servers']}"
+            )
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="run summary", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def _watch(
+    supervisor: ProcessSupervisor,
+    stop: threading.Event,
+    done: Callable[[str, int], bool],
+    printer: ProgressPrinter | None,
+) -> None:
+    """Block until `done(name, code)` accepts a role's exit, or stop; raise LaunchError on any other exit."""
+    while not stop.is_set():
+        if printer is not None:
+            printer.poll()
+        for name, code in supervisor.exited().items():
+            if done(name, code):
+                if printer is not None:
+                    printer.poll()
+                return
+            raise LaunchError(describe_exit(supervisor.processes[name], code))
+        stop.wait(0.5)
+
+
+def _start_monitor(
+    supervisor, config_path, log_dir, stop, max_steps, summary_path, started_at, extra: list[str]
+) -> str:
+    (log_dir / INITIAL_PEERS_FILE).unlink(missing_ok=True)
+    args = ["--log-dir", str(log_dir), "--max-steps", str(max_steps), "--started-at", repr(started_at)]
+    if summary_path is not None:
+        args += ["--summary", str(summary_path)]
+    monitor = supervisor.start(
+        "monitor",
+        role_argv("monitor", config_path, *args, *extra),
+        log_dir / "monitor.log",
+        env={"DISTQAT_NUM_THREADS": "1"},
+    )
+    return wait_for_file(log_dir / INITIAL_PEERS_FILE, monitor, stop)
+
+
+def _start_client(supervisor, config_path, log_dir, peers: str, max_steps: int) -> None:
+    supervisor.start(
+        "client",
+        role_argv(
+            "client", config_path, "--log-dir", str(log_dir), "--max-steps", str(max_steps), "--initial-peers", peers
+        ),
+        log_dir / "client.log",
+        env={"DISTQAT_NUM_THREADS": "1"},
+    )
+
+
+def run_local(
+    config: Config, stop: threading.Event, max_steps: int, summary_path: Path | None, num_servers: int | None = None
+) -> dict[str, Any] | None:
+    """The whole swarm on this machine: monitor, servers (round-robin over the stages) and client."""
+    started_at = time.time()
+    log_dir, _lock = claim_log_dir(config)
+    summary_path = summary_path or log_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    config_path = log_dir / "config.yaml"
+    dump_config(config, config_path)
+    stage_names = config.model_pipeline.stage_names
+    num_servers = num_servers or config.world_size or len(stage_names)
+    console.print(
+        f"[bold]distqat local[/]: {config.experiment_prefix}, {num_servers} servers over stages "
+        f"{stage_names}, logs in {log_dir}"
+    )
+    with ProcessSupervisor() as supervisor:
+        peers = _start_monitor(supervisor, config_path, log_dir, stop, max_steps, summary_path, started_at, [])
+        console.print(f"DHT up at {peers}")
+        threads = str(threads_per_server(num_servers))
+        for index in range(num_servers):
+            stage = stage_names[index % len(stage_names)]
+            args = ["--stage", stage, "--expert-index", str(index // len(stage_names)), "--initial-peers", peers]
+            supervisor.start(
+                f"server_{index}",
+                role_argv("server", config_path, *args),
+                log_dir / f"server_{index}.log",
+                env={"DISTQAT_NUM_THREADS": threads},
+            )
+        _start_client(supervisor, config_path, log_dir, peers, max_steps)
+        _watch(
+            supervisor,
+            stop,
+            lambda name, code: name == "monitor" and code == 0,
+            ProgressPrinter(log_dir / "metrics.jsonl"),
+        )
+    return _read_summary(summary_path)
+
+
+def run_coordinator(
+    config: Config,
+    stop: threading.Event,
+    max_steps: int,
+    summary_path: Path | None,
+) -> dict[str, Any] | None:
+    """Monitor + client on this machine; servers join from others with the printed initial peers."""
+    started_at = time.time()
+    log_dir, _lock = claim_log_dir(config)
+    summary_path = summary_path or log_dir / "summary.json"
+    config_path = log_dir / "config.yaml"
+    dump_config(config, config_path)
+    with ProcessSupervisor() as supervisor:
+        peers = _start_monitor(supervisor, config_path, log_dir, stop, max_steps, summary_path, started_at, [])
+        console.print(f"DHT up. Start servers elsewhere with:\n  distqat servers --initial-peers {peers}")
+        _start_client(supervisor, config_path, log_dir, peers, max_steps)
+        _watch(
+            supervisor,
+            stop,
+            lambda name, code: name == "monitor" and code == 0,
+            ProgressPrinter(log_dir / "metrics.jsonl"),
+        )
+    return _read_summary(summary_path)
+
+
+def run_servers(config: Config, stop: threading.Event, num_servers: int, stage: str | None) -> None:
+    """Start servers one after another, so that each picks the stage that needs it most at its start."""
+    if not config.network.initial_peers:
+        raise LaunchError(
+            "network.initial_peers: servers need the swarm's address (--initial-peers, "
+            f"see {INITIAL_PEERS_FILE} in the coordinator's log dir)"
+        )
+    log_dir, _lock = claim_log_dir(config)
+    config_path = log_dir / "servers_config.yaml"
+    dump_config(config, config_path)
+    threads = str(threads_per_server(num_servers))
+    with ProcessSupervisor() as supervisor:
+        for index in range(num_servers):
+            ready_file = log_dir / f"server_{index}.ready"
+            ready_file.unlink(missing_ok=True)
+            args = ["--ready-file", str(ready_file)] + (["--stage", stage] if stage else [])
+            process = supervisor.start(
+                f"server_{index}",
+                role_argv("server", config_path, *args),
+                log_dir / f"server_{index}.log",
+                env={"DISTQAT_NUM_THREADS": threads},
+            )
+            uid = wait_for_file(ready_file, process, stop)
+            console.print(f"server_{index} serves {uid}")
+        console.print(f"{num_servers} servers running; Ctrl+C stops them")
+        _watch(supervisor, stop, lambda name, code: False, None)
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

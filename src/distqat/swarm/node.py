@@ -1,0 +1,57 @@
+"""Joining the swarm: a hivemind DHT node bound to port 0 (or the configured port), announcing what it bound."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from hivemind import DHT
+
+from distqat.config import NetworkConfig
+from distqat.errors import SwarmError
+
+logger = logging.getLogger(__name__)
+
+DHT_START_TIMEOUT = 60.0  # seconds: a DHT node starts in ~1 s, joining peers over the internet takes longer
+
+
+def _free_tcp_port(host: str) -> int:
+    # Only used when a public address must be announced: p2pd fixes its announced addresses at start,
+    # so the port has to be known before the daemon binds it.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def start_dht(network: NetworkConfig, *, client_mode: bool = False) -> DHT:
+    """Start a DHT node joining `network.initial_peers`; raise SwarmError naming them when it cannot."""
+    initial_peers = network.initial_peers
+    host_maddrs: list[str] = []
+    announce_maddrs: list[str] = []
+    if not client_mode:
+        if network.public_ip:
+            port = network.port or _free_tcp_port("0.0.0.0")
+            host_maddrs = [f"/ip4/0.0.0.0/tcp/{port}"]
+            announce_maddrs = [f"/ip4/{network.public_ip}/tcp/{port}"]
+        else:
+            host_maddrs = [f"/ip4/{network.host}/tcp/{network.port}"]
+    else:
+        host_maddrs = [f"/ip4/{network.host}/tcp/0"]
+    dht = DHT(
+        initial_peers=list(initial_peers),
+        host_maddrs=host_maddrs,
+        announce_maddrs=announce_maddrs or None,
+        client_mode=client_mode,
+        start=False,
+    )
+    try:
+        dht.run_in_background(await_ready=True, timeout=DHT_START_TIMEOUT)
+    except Exception as error:  # hivemind raises bare Exceptions, TimeoutError or P2PDaemonError here
+        dht.shutdown()
+        peers = ", ".join(initial_peers) or "no initial peers"
+        raise SwarmError(f"could not start a DHT node joining {peers}: {error}") from error
+    return dht
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]

@@ -1,0 +1,130 @@
+"""The DHT contract: key names, record types and expirations, spelled in this one place.
+
+Records are versioned pydantic models that ignore unknown fields, so a newer peer that adds a field
+never crashes an older one; a record that does not validate is skipped, not fatal.
+
+Keys (one DHT key per kind, one subkey per peer):
+  `{prefix}:stage:{stage}`   subkey = server uid   -> ServerInfo     (heartbeat, expires after heartbeat_expiry)
+  `{prefix}:trainers`        subkey = trainer id   -> TrainerMetrics (expires after TRAINER_RECORD_TTL)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, Literal, TypeVar
+
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from distqat.errors import SwarmError
+
+logger = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+TRAINER_RECORD_TTL = 60.0  # seconds: the monitor still sees a trainer that finished a while ago
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    version: int = RECORD_VERSION
+
+
+class ServerInfo(Record):
+    """What a stage server announces about itself in every heartbeat."""
+
+    uid: str
+    peer_id: str
+    maddrs: list[str]
+    stage: str
+    stage_index: int
+    expert_index: int
+    device: str
+    state: Literal["ready"] = "ready"
+    samples: int = 0  # samples it has trained on (backward passes)
+    steps: int = 0  # inner optimiser steps
+    samples_per_s: float = 0.0  # recent training throughput
+    started_at: float = 0.0  # unix time
+
+
+class TrainerMetrics(Record):
+    """What a trainer publishes about its progress."""
+
+    trainer_id: str
+    peer_id: str
+    step: int
+    samples: int
+    loss: float  # loss of the last step
+    loss_avg: float  # mean loss of the last LOSS_WINDOW steps
+    first_loss_avg: float  # mean loss of the first LOSS_WINDOW steps
+    samples_per_s: float  # samples / train_time_s
+    train_time_s: float  # seconds since its first step started
+    first_step_at: float  # unix time its first step finished
+    updated_at: float  # unix time of this record
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    failures: int = 0
+    finished: bool = False
+    last_error: str | None = None
+
+
+def stage_key(prefix: str, stage: str) -> str:
+    return f"{prefix}:stage:{stage}"
+
+
+def trainers_key(prefix: str) -> str:
+    return f"{prefix}:trainers"
+
+
+R = TypeVar("R", bound=Record)
+
+
+def _store(dht: DHT, key: str, subkey: str, value: dict[str, Any], ttl: float, timeout: float) -> None:
+    future = dht.store(key, value, expiration_time=get_dht_time() + ttl, subkey=subkey, return_future=True)
+    try:
+        stored = future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        raise SwarmError(f"DHT store of '{key}' timed out after {timeout:.0f} s") from None
+    if not stored:
+        logger.debug("DHT store of %s/%s was not accepted by any node", key, subkey)
+
+
+def _get_subkeys(dht: DHT, key: str, record_type: type[R], timeout: float) -> list[R]:
+    future = dht.get(key, latest=True, return_future=True)
+    try:
+        found = future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        raise SwarmError(f"DHT get of '{key}' timed out after {timeout:.0f} s") from None
+    if found is None or not isinstance(found.value, dict):
+        return []
+    records = []
+    for subkey, entry in found.value.items():
+        try:
+            records.append(record_type.model_validate(entry.value))
+        except ValidationError as error:
+            logger.warning("ignoring malformed %s record %s under %s: %s", record_type.__name__, subkey, key, error)
+    return records
+
+
+def announce_server(dht: DHT, prefix: str, info: ServerInfo, ttl: float, timeout: float) -> None:
+    _store(dht, stage_key(prefix, info.stage), info.uid, info.model_dump(), ttl, timeout)
+
+
+def fetch_replicas(dht: DHT, prefix: str, stage_names: Iterable[str], timeout: float) -> dict[str, list[ServerInfo]]:
+    """Live replicas of every stage, sorted by expert index."""
+    replicas = {}
+    for stage in stage_names:
+        found = _get_subkeys(dht, stage_key(prefix, stage), ServerInfo, timeout)
+        replicas[stage] = sorted((info for info in found if info.stage == stage), key=lambda info: info.expert_index)
+    return replicas
+
+
+def publish_trainer_metrics(dht: DHT, prefix: str, metrics: TrainerMetrics, timeout: float) -> None:
+    _store(dht, trainers_key(prefix), metrics.trainer_id, metrics.model_dump(), TRAINER_RECORD_TTL, timeout)
+
+
+def fetch_trainer_metrics(dht: DHT, prefix: str, timeout: float) -> list[TrainerMetrics]:
+    return sorted(_get_subkeys(dht, trainers_key(prefix), TrainerMetrics, timeout), key=lambda m: m.trainer_id)

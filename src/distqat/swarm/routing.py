@@ -1,0 +1,59 @@
+"""Routing policy (pure): which replica of a stage gets the next micro-batch.
+
+Replicas are drawn at random, weighted by the throughput they announce (SWARM's stochastic wiring), so
+fast replicas get more work and no replica is starved; a replica that failed a call is avoided for
+`ban_time` seconds.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from distqat.errors import NoReplicaError
+from distqat.swarm.records import ServerInfo
+
+
+class Router:
+    def __init__(
+        self,
+        stage_names: Sequence[str],
+        ban_time: float,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.stage_names = list(stage_names)
+        self.ban_time = ban_time
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._replicas: dict[str, list[ServerInfo]] = {stage: [] for stage in stage_names}
+        self._banned_until: dict[str, float] = {}
+
+    def update(self, replicas_by_stage: Mapping[str, Sequence[ServerInfo]]) -> None:
+        self._replicas = {stage: list(replicas_by_stage.get(stage, ())) for stage in self.stage_names}
+
+    def ban(self, uid: str) -> None:
+        self._banned_until[uid] = self._clock() + self.ban_time
+
+    def usable(self, stage: str) -> list[ServerInfo]:
+        now = self._clock()
+        return [info for info in self._replicas.get(stage, []) if self._banned_until.get(info.uid, 0.0) <= now]
+
+    def pick(self, stage: str) -> ServerInfo:
+        candidates = self.usable(stage)
+        if not candidates:
+            known = len(self._replicas.get(stage, []))
+            raise NoReplicaError(
+                f"stage '{stage}' has no usable replica ({known} known, all recently failed)"
+                if known
+                else f"stage '{stage}' has no live replica"
+            )
+        known_rates = [info.samples_per_s for info in candidates if info.samples_per_s > 0]
+        # A replica that has not measured its throughput yet gets the average weight, so it is tried.
+        default_rate = sum(known_rates) / len(known_rates) if known_rates else 1.0
+        weights = [info.samples_per_s if info.samples_per_s > 0 else default_rate for info in candidates]
+        return self._rng.choices(candidates, weights=weights, k=1)[0]
+
+    def has_route(self) -> bool:
+        return all(self.usable(stage) for stage in self.stage_names)

@@ -1,0 +1,111 @@
+"""The stage RPC on hivemind's P2P layer: `forward` and `backward` handlers and a caller with timeouts.
+
+We write this instead of using `hivemind.moe`: moe has no call timeout (a call to a killed server hangs),
+re-sends inputs on backward and re-runs forward there. Here the server keeps the caller's inputs
+between forward and backward, and every call is bounded by a timeout and fails with a typed error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.multiaddr import Multiaddr
+
+from distqat.errors import StageCallError, StageTimeoutError
+from distqat.swarm import wire
+from distqat.swarm.records import ServerInfo
+
+Method = Literal["forward", "backward"]
+HANDLER_NAMES: dict[Method, str] = {"forward": "distqat.stage.forward", "backward": "distqat.stage.backward"}
+
+
+class StageService(Protocol):
+    """What a stage server implements; `caller` is the authenticated peer id of the calling trainer."""
+
+    async def forward(
+        self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]: ...
+
+    async def backward(
+        self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]: ...
+
+
+async def register_stage_service(p2p: P2P, service: StageService) -> None:
+    """Expose `service` on this peer. Exceptions it raises reach the caller as a StageCallError."""
+    for method, name in HANDLER_NAMES.items():
+        implementation = getattr(service, method)
+
+        async def handle(
+            requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext, implementation=implementation
+        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+            tensors, metadata, _ = await wire.decode(requests)
+            outputs, out_metadata = await implementation(tensors, metadata, context.remote_id.to_base58())
+            messages, _ = wire.encode(runtime_pb2.ExpertResponse, outputs, out_metadata)
+            for message in messages:
+                yield message
+
+        await p2p.add_protobuf_handler(name, handle, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True)
+
+
+@dataclass
+class CallResult:
+    tensors: list[torch.Tensor]
+    metadata: dict[str, Any]
+    bytes_sent: int
+    bytes_received: int
+
+
+class StageClient:
+    """Calls stage replicas; every call ends within its timeout, with a result or a StageCallError."""
+
+    def __init__(self, p2p: P2P):
+        self._p2p = p2p
+        self._connected: set[str] = set()
+
+    async def call(
+        self,
+        replica: ServerInfo,
+        method: Method,
+        tensors: list[torch.Tensor],
+        metadata: dict[str, Any],
+        timeout: float,
+    ) -> CallResult:
+        where = f"{method} to {replica.uid} (peer {replica.peer_id[-8:]})"
+        try:
+            return await asyncio.wait_for(self._call(replica, method, tensors, metadata), timeout)
+        except asyncio.TimeoutError:
+            raise StageTimeoutError(f"{where} timed out after {timeout:.1f} s") from None
+        except P2PHandlerError as error:
+            raise StageCallError(f"{where} failed on the server: {_one_line(error)}") from None
+        except (P2PDaemonError, ConnectionError, OSError, asyncio.IncompleteReadError) as error:
+            self._connected.discard(replica.peer_id)
+            raise StageCallError(f"{where} failed: {_one_line(error)}") from None
+
+    async def _call(
+        self, replica: ServerInfo, method: Method, tensors: list[torch.Tensor], metadata: dict[str, Any]
+    ) -> CallResult:
+        peer_id = PeerID.from_base58(replica.peer_id)
+        if replica.peer_id not in self._connected:
+            # The daemon may not know this peer's addresses yet: hand them over from its DHT record.
+            # The daemon wants transport addresses: without the trailing /p2p/<peer id> part.
+            maddrs = [Multiaddr(maddr.split("/p2p/")[0]) for maddr in replica.maddrs]
+            await self._p2p._client.connect(peer_id, maddrs)
+            self._connected.add(replica.peer_id)
+        messages, sent = wire.encode(runtime_pb2.ExpertRequest, tensors, metadata)
+        responses = await self._p2p.iterate_protobuf_handler(
+            peer_id, HANDLER_NAMES[method], wire.iterate(messages), runtime_pb2.ExpertResponse
+        )
+        outputs, out_metadata, received = await wire.decode(responses)
+        return CallResult(outputs, out_metadata, sent, received)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
