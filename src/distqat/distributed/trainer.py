@@ -98,6 +98,7 @@ async def train(
 ) -> None:
     """Train until `max_steps` (0: forever) or `stop`; hop failures are retried, other errors propagate."""
     inputs, labels = batches.next()
+    waiting_since: float | None = None
     while not stop.is_set() and (max_steps <= 0 or progress.step < max_steps):
         progress.start_step()
         try:
@@ -105,11 +106,15 @@ async def train(
         except (StageCallError, NoReplicaError) as error:
             progress.failures += 1
             progress.last_error = str(error)
-            logger.error("step %d failed: %s", progress.step + 1, error)
+            # A failed call is news; waiting for a replica is logged once, then every 30 s.
+            if isinstance(error, StageCallError) or waiting_since is None or time.monotonic() - waiting_since > 30:
+                logger.error("step %d failed: %s", progress.step + 1, error)
+                waiting_since = time.monotonic() if isinstance(error, NoReplicaError) else None
             if on_no_route is not None:
                 on_no_route.set()  # ask for a fresh view of the swarm before retrying
             await asyncio.to_thread(stop.wait, retry_wait_s)
             continue
+        waiting_since = None
         progress.finish_step(loss, len(labels))
         logger.info(
             "step %d loss %.4f (avg %.4f) %.1f samples/s",
@@ -121,15 +126,19 @@ async def train(
         inputs, labels = batches.next()
 
 
+async def _refresh_routes_once(dht: DHT, config: Config, router: Router) -> None:
+    try:
+        replicas = await asyncio.to_thread(
+            records.fetch_replicas, dht, config.experiment_prefix, router.stage_names, config.network.dht_timeout
+        )
+        router.update(replicas)
+    except SwarmError as error:
+        logger.warning("could not refresh replicas: %s", error)
+
+
 async def _refresh_routes(dht: DHT, config: Config, router: Router, stop: threading.Event, wake: asyncio.Event):
     while not stop.is_set():
-        try:
-            replicas = await asyncio.to_thread(
-                records.fetch_replicas, dht, config.experiment_prefix, router.stage_names, config.network.dht_timeout
-            )
-            router.update(replicas)
-        except SwarmError as error:
-            logger.warning("could not refresh replicas: %s", error)
+        await _refresh_routes_once(dht, config, router)
         wake.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), config.network.client_poll_period)
@@ -161,12 +170,12 @@ async def _train_in_swarm(
     peer_id = dht.peer_id.to_base58()
     wake = asyncio.Event()
     helpers_stop = threading.Event()
+    await _refresh_routes_once(dht, config, router)
     helpers = [
         asyncio.create_task(_refresh_routes(dht, config, router, helpers_stop, wake)),
         asyncio.create_task(_publish_metrics(dht, config, progress, pipeline.traffic, helpers_stop, peer_id)),
     ]
     try:
-        await asyncio.sleep(0)  # let the first route refresh start
         await train(pipeline, batches, progress, max_steps, stop, on_no_route=wake)
         finished = max_steps > 0 and progress.step >= max_steps
         await asyncio.to_thread(

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up everything DistQat needs on a fresh Debian/Ubuntu machine: the offline Fashion-MNIST package,
+# a virtual environment in .venv, PyTorch, and DistQat itself (editable) with its test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
+  echo "setup: installing Debian's dataset-fashion-mnist (the demo's offline dataset)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [[ ! -x $VENV/bin/python ]]; then
+  echo "setup: creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+fi
+
+# torchvision needs the torch build it was made for; install the pair explicitly before DistQat so pip
+# does not pick another torch (TORCH_PACKAGES overrides, e.g. for a CUDA index of your own).
+if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
+  echo "setup: installing PyTorch (${TORCH_PACKAGES:-torch==2.14.1 torchvision==0.29.1})"
+  # shellcheck disable=SC2086
+  "$VENV/bin/pip" install -q ${TORCH_PACKAGES:-torch==2.14.1 torchvision==0.29.1}
+fi
+
+echo "setup: installing DistQat and its dependencies"
+"$VENV/bin/pip" install -q -e ".[dev,wandb]"
+echo "setup: done ($VENV)"
