@@ -24,6 +24,7 @@ _TAG_VAR = "DISTQAT_TEST_TAG"
 # torch_shm_manager's private socket folder stays behind when the manager is killed.
 _FILE_GLOBS = ("/tmp/hivemind-p2pd-*.sock", "/tmp/hivemind-p2pclient-*.sock", "/tmp/torch-shm-dir-*")
 _GRACE_S = 5.0
+_FILE_GRACE_S = 3.0
 
 Key = tuple[int, float]  # (pid, create time): a pid alone may be reused during a test
 
@@ -60,6 +61,15 @@ def _is_live(proc: psutil.Process) -> bool:
         return False
 
 
+def _is_own_shm_manager(proc: psutil.Process) -> bool:
+    """The test process's own torch_shm_manager: torch starts it on first use and it lives as long
+    as this process (it cleans up /dev/shm when we exit), so it is no test's leftover."""
+    try:
+        return proc.ppid() == os.getpid() and proc.name() == "torch_shm_manager"
+    except psutil.Error:
+        return False
+
+
 def _new_processes(before: set[Key], tag: str) -> list[psutil.Process]:
     """Live processes started during the test: our new descendants, tagged orphans and their trees.
 
@@ -70,7 +80,7 @@ def _new_processes(before: set[Key], tag: str) -> list[psutil.Process]:
     found: dict[Key, psutil.Process] = {}
     for proc in [*me.children(), *_tagged(tag)]:
         key = _key(proc)
-        if key is None or key in before:
+        if key is None or key in before or _is_own_shm_manager(proc):
             continue
         for p in [proc, *_tree(proc)]:
             k = _key(p)
@@ -142,6 +152,8 @@ def no_leftovers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             proc.kill()
     psutil.wait_procs(leftovers, timeout=5)
 
+    # torch_shm_manager unlinks its files 2 s after its last client is gone: give it time.
+    deadline = time.monotonic() + _FILE_GRACE_S
     new_files = _unheld(_files() - files_before)
     while new_files and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -33,6 +33,7 @@ _LEFTOVER_TERM_S = 3.0
 # torch_shm_manager exits (and unlinks its /dev/shm files) 2 s after its last client has gone.
 _HELPER_SETTLE_S = 3.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_TEMP_DIRS = {"/tmp", tempfile.gettempdir()}
 
 
 def _log(message: str) -> None:
@@ -289,7 +290,7 @@ class Guardian:
                     removed += 1
                     # A private temp dir made for the socket (torch-shm-dir-*) goes with it.
                     folder = os.path.dirname(path)
-                    if os.path.dirname(folder) == tempfile.gettempdir() and not os.listdir(folder):
+                    if os.path.dirname(folder) in _TEMP_DIRS and not os.listdir(folder):
                         os.rmdir(folder)
         shm = {p for p in self.shm if os.path.isfile(p)}
         if shm:

@@ -128,8 +128,13 @@ def _watch(
     stop: threading.Event,
     done: Callable[[str, int], bool],
     printer: ProgressPrinter | None,
+    essential: Callable[[str], bool] = lambda name: True,
 ) -> None:
-    """Block until `done(name, code)` accepts a role's exit, or stop; raise LaunchError on any other exit."""
+    """Block until `done(name, code)` accepts a role's exit, or stop.
+
+    An essential role that exits otherwise raises LaunchError; another (a server: the swarm lives on
+    without it) is reported and forgotten.
+    """
     while not stop.is_set():
         if printer is not None:
             printer.poll()
@@ -138,7 +143,11 @@ def _watch(
                 if printer is not None:
                     printer.poll()
                 return
-            raise LaunchError(describe_exit(supervisor.processes[name], code))
+            message = describe_exit(supervisor.processes[name], code)
+            if essential(name):
+                raise LaunchError(message)
+            console.print(f"[yellow]{message}[/]")
+            supervisor.forget(name)
         stop.wait(0.5)
 
 
@@ -204,6 +213,7 @@ def run_local(
             stop,
             lambda name, code: name == "monitor" and code == 0,
             ProgressPrinter(log_dir / "metrics.jsonl"),
+            essential=lambda name: not name.startswith("server_"),
         )
     return _read_summary(summary_path)
 
@@ -258,7 +268,7 @@ def run_servers(config: Config, stop: threading.Event, num_servers: int, stage: 
             uid = wait_for_file(ready_file, process, stop)
             console.print(f"server_{index} serves {uid}")
         console.print(f"{num_servers} servers running; Ctrl+C stops them")
-        _watch(supervisor, stop, lambda name, code: False, None)
+        _watch(supervisor, stop, lambda name, code: False, None, essential=lambda name: False)
 
 
 def _read_summary(path: Path) -> dict[str, Any] | None:

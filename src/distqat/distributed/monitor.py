@@ -38,6 +38,7 @@ class SwarmView:
     retired_steps: int = 0
     retired_samples: int = 0
     replicas: dict[str, list[records.ServerInfo]] = field(default_factory=dict)
+    servers: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> what we saw of it, first and last
     pipelines: int = 0
 
     def update(
@@ -57,6 +58,10 @@ class SwarmView:
             if math.isfinite(metrics.first_loss_avg):
                 self.first_loss.setdefault(metrics.trainer_id, metrics.first_loss_avg)
         self.replicas = replicas
+        for info in (info for found in replicas.values() for info in found):
+            seen = self.servers.setdefault(info.uid, {"first_weights_digest": info.weights_digest})
+            seen.update(peer_id=info.peer_id, device=info.device, steps=info.steps, samples=info.samples,
+                        last_weights_digest=info.weights_digest, last_seen=time.time())
         self.pipelines = count_complete_pipelines(replicas, stage_names)
 
     @property
@@ -111,6 +116,7 @@ class SwarmView:
             "failed_steps": sum(m.failures for m in trainers),
             "bytes_sent": sum(m.bytes_sent for m in trainers),
             "bytes_received": sum(m.bytes_received for m in trainers),
+            "servers_seen": self.servers,
         }
 
 

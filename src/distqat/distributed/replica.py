@@ -48,7 +48,7 @@ class StageReplica:
         self.recomputed_forwards = 0
 
     def forward(self, caller: str, micro_batch: str, inputs: torch.Tensor) -> torch.Tensor:
-        inputs = inputs.to(self.device)
+        inputs = inputs.to(self.device).detach()  # our own leaf: never mark the caller's tensor
         if self._inputs_need_grad and inputs.is_floating_point():
             inputs.requires_grad_(True)
         with torch.enable_grad(), self._autocast():
@@ -76,6 +76,10 @@ class StageReplica:
         self.samples += len(grad_outputs)
         grad_inputs = saved.inputs.grad
         return None if grad_inputs is None else grad_inputs.detach().float().cpu()
+
+    def weights_digest(self) -> float:
+        with torch.no_grad():
+            return float(sum(parameter.double().sum() for parameter in self.module.parameters()))
 
     def drop_expired(self, max_age_s: float) -> int:
         """Forget micro-batches whose backward never came (their trainer died or gave up)."""

@@ -96,6 +96,8 @@ class StageServer:
                 rate if self.info.samples_per_s == 0 else 0.5 * self.info.samples_per_s + 0.5 * rate
             )
             self._window_start, self._window_samples = now, 0
+        if self.info.steps != self.replica.weights_version or self.info.weights_digest == 0.0:
+            self.info.weights_digest = self.replica.weights_digest()
         self.info.samples = self.replica.samples
         self.info.steps = self.replica.weights_version
         return self.info

@@ -45,6 +45,7 @@ class ServerInfo(Record):
     samples: int = 0  # samples it has trained on (backward passes)
     steps: int = 0  # inner optimiser steps
     samples_per_s: float = 0.0  # recent training throughput
+    weights_digest: float = 0.0  # sum of all parameters: tells at a glance whether (and how) weights moved
     started_at: float = 0.0  # unix time
 
 

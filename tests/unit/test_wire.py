@@ -1,0 +1,45 @@
+"""The stage RPC's wire format: exact round trips, chunking below the daemon's 4 MiB frame limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from distqat.swarm import wire
+
+
+def round_trip(tensors, metadata):
+    messages, sent = wire.encode(runtime_pb2.ExpertRequest, tensors, metadata)
+    decoded, decoded_metadata, received = asyncio.run(wire.decode(wire.iterate(messages)))
+    return messages, sent, decoded, decoded_metadata, received
+
+
+def test_round_trip_is_exact_and_counts_bytes() -> None:
+    tensors = [torch.randn(4, 3), torch.arange(5), torch.zeros(0)]
+    _, sent, decoded, metadata, received = round_trip(tensors, {"mb": "7", "want_grad": False})
+    assert metadata == {"mb": "7", "want_grad": False}
+    assert len(decoded) == 3
+    for original, copy in zip(tensors, decoded, strict=True):
+        assert copy.dtype == original.dtype
+        assert torch.equal(copy, original)
+    assert sent == received
+    assert sent >= 4 * 3 * 4 + 5 * 8
+
+
+def test_large_tensors_are_split_into_frames_under_the_limit() -> None:
+    big = torch.randn(3, 1024, 1024)  # 12 MiB
+    messages, sent, decoded, _, _ = round_trip([big, torch.ones(2)], {})
+    assert len(messages) >= 6
+    assert max(message.ByteSize() for message in messages) < 4 * 1024**2
+    assert torch.equal(decoded[0], big)
+    assert torch.equal(decoded[1], torch.ones(2))
+    assert sent > big.numel() * 4
+
+
+def test_no_tensors_still_carries_metadata() -> None:
+    messages, _, decoded, metadata, _ = round_trip([], {"k": [1, 2]})
+    assert len(messages) == 1
+    assert decoded == []
+    assert metadata == {"k": [1, 2]}
