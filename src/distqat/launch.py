@@ -151,6 +151,12 @@ class ProcessSupervisor:
         if proc is not None:
             proc.stop()
 
+    def forget(self, name: str) -> None:
+        """Drop an exited role from the set (its guardian has already cleaned up after it)."""
+        proc = self.processes.get(name)
+        if proc is not None and proc.poll() is not None:
+            del self.processes[name]
+
     def stop_all(self, timeout: float = 15.0) -> None:
         procs = list(self.processes.values())
         # Signal everyone first so the roles shut down in parallel, not one grace period each.
