@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import typer
 
 from distqat.config import Config, load_config
 from distqat.errors import DistQatError
+
+# torchvision and hivemind use torch.jit.script at import; torch 2.14 warns about it on every start.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 

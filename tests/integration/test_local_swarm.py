@@ -126,7 +126,7 @@ def test_frozen_then_killed_server_is_reported_not_hung(tmp_path: Path) -> None:
         time.sleep(1.5)  # the launcher looks at its roles twice a second
         assert launcher.poll() is None  # a dead server does not end a local run
     finally:
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(signal.SIGINT)  # what Ctrl+C in its terminal sends
         output = launcher.communicate(timeout=60)[0]
     assert launcher.returncode == 0, output
     assert "server_1 exited" in output, output

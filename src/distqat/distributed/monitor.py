@@ -110,6 +110,8 @@ class SwarmView:
             "wall_s": now - started_at,
             "samples_per_s": sum(m.samples / m.train_time_s for m in trainers if m.train_time_s > 0),
             "startup_s": min(first_steps) - started_at if first_steps else None,
+            "started_at": started_at,
+            "first_step_at": min(first_steps) if first_steps else None,
             "pipelines": self.pipelines,
             "servers": sum(len(r) for r in self.replicas.values()),
             "trainers": len(trainers),

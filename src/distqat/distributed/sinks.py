@@ -63,7 +63,10 @@ class WandbSink:
         self._run.log(row)
 
     def close(self) -> None:
+        import wandb
+
         self._run.finish()
+        wandb.teardown()  # stops wandb's service process now rather than when this process exits
 
 
 def _has_netrc_login() -> bool:
