@@ -106,7 +106,7 @@ class BatchStream:
             raise DataError(f"diloco.batch_size_per_step {batch_size} is larger than the dataset ({len(dataset)})")
         self._dataset, self._data, self._batch_size = dataset, data, batch_size
         self._generator = torch.Generator().manual_seed(seed)
-        self._queue: queue.Queue[tuple[torch.Tensor, torch.Tensor]] = queue.Queue(maxsize=prefetch)
+        self._queue: queue.Queue[tuple[torch.Tensor, torch.Tensor] | BaseException] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
         self._thread.start()
@@ -119,6 +119,12 @@ class BatchStream:
                 yield prepare_images(self._dataset.images[index], self._data), self._dataset.labels[index]
 
     def _fill(self) -> None:
+        try:
+            self._fill_forever()
+        except BaseException as error:  # hand it to the consumer, which would otherwise wait forever
+            self._queue.put(error)
+
+    def _fill_forever(self) -> None:
         for batch in self._batches():
             while not self._stop.is_set():
                 try:
@@ -130,7 +136,10 @@ class BatchStream:
                 return
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._queue.get()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise DataError(f"preparing a batch failed: {item}") from item
+        return item
 
     def close(self) -> None:
         self._stop.set()

@@ -103,3 +103,19 @@ def test_real_fashion_mnist() -> None:
     assert len(dataset) == 60_000
     assert dataset.images.shape == (60_000, 1, 28, 28)
     assert sorted(dataset.labels.unique().tolist()) == list(range(10))
+
+
+def test_a_failing_batch_is_an_error_not_a_hang(tmp_path: Path, monkeypatch) -> None:
+    write_idx(tmp_path, np.zeros((16, 28, 28)), np.zeros(16))
+    data = DataConfig(data_dir=str(tmp_path))
+
+    def broken(images, data):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr("distqat.data.prepare_images", broken)
+    stream = BatchStream(load_dataset(data), data, batch_size=4, seed=0)
+    try:
+        with pytest.raises(DataError, match="preparing a batch failed: decoder exploded"):
+            stream.next()
+    finally:
+        stream.close()
