@@ -1,6 +1,5 @@
-"""Model registry: `family.stage` names -> stage builders. Importing this package registers the built-in families."""
+"""Model registry: `family.stage` names -> stage builders (built-in families are imported on first use)."""
 
-from distqat.models import resnet, tiny  # noqa: F401  (registers their stages)
 from distqat.models.registry import (
     StageEntry,
     build_pipeline_stages,

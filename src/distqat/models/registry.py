@@ -8,6 +8,7 @@ name, so a server's `resnet18.head` and the baseline's are the same tensors.
 
 from __future__ import annotations
 
+import importlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ class StageEntry:
 
 _REGISTRY: dict[str, StageEntry] = {}
 
+# Built-in families register themselves when their module is imported. They are imported on first
+# use, so a process that needs only the tiny model never pays for importing torchvision.
+BUILTIN_FAMILIES = {"resnet18": "distqat.models.resnet", "tiny": "distqat.models.tiny"}
+
 
 def register_expert_class(name: str, sample_input_fn: SampleInputFn) -> Callable[[StageBuilder], StageBuilder]:
     """Decorator: register a stage builder (a function or an nn.Module class) under `family.stage`."""
@@ -45,10 +50,15 @@ def register_expert_class(name: str, sample_input_fn: SampleInputFn) -> Callable
 
 
 def registered_names() -> list[str]:
+    for module in BUILTIN_FAMILIES.values():
+        importlib.import_module(module)
     return sorted(_REGISTRY)
 
 
 def get_stage_entry(model_name: str) -> StageEntry:
+    family = model_name.split(".", 1)[0]
+    if model_name not in _REGISTRY and family in BUILTIN_FAMILIES:
+        importlib.import_module(BUILTIN_FAMILIES[family])
     try:
         return _REGISTRY[model_name]
     except KeyError:
