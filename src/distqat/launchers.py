@@ -25,7 +25,7 @@ from distqat.distributed.monitor import INITIAL_PEERS_FILE
 from distqat.errors import DistQatError
 from distqat.launch import ProcessSupervisor, RoleProcess
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 ROLE_START_TIMEOUT = 180.0  # seconds for a role to come up (imports torch, starts a DHT node)
 
@@ -85,8 +85,14 @@ def wait_for_file(path: Path, owner: RoleProcess, stop: threading.Event, timeout
     raise LaunchError(f"{owner.name} did not write {path} within {timeout:.0f} s (log: {owner.log_path})")
 
 
-def threads_per_server(num_servers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, num_servers))
+def threads_per_server(num_servers: int, num_stages: int) -> int:
+    """Torch threads for each local server, so that the servers busy at one moment share the cores.
+
+    A trainer keeps one micro-batch in flight, so each pipeline keeps one of its servers busy at a
+    time: the busy servers are as many as the pipelines, and they divide the cores among them.
+    """
+    pipelines = max(1, num_servers // max(1, num_stages))
+    return max(1, (os.cpu_count() or 1) // pipelines)
 
 
 class ProgressPrinter:
@@ -116,10 +122,33 @@ class ProgressPrinter:
             )
 
 
+SUMMARY_ROWS = {
+    "steps": "steps",
+    "samples": "samples",
+    "first_loss": "loss, first 10 steps",
+    "last_loss": "loss, last 10 steps",
+    "samples_per_s": "samples/s",
+    "startup_s": "start to first step (s)",
+    "wall_s": "wall time (s)",
+    "pipelines": "pipelines",
+    "servers": "servers",
+    "failed_steps": "failed steps",
+}
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     table = Table(title="run summary", show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    for key, label in SUMMARY_ROWS.items():
+        value = summary.get(key)
+        if key in summary:
+            table.add_row(label, f"{value:.4g}" if isinstance(value, float) else str(value))
+    steps = max(1, summary.get("steps") or 1)
+    if "bytes_sent" in summary:
+        per_step = (summary["bytes_sent"] + summary["bytes_received"]) / steps / 2**20
+        table.add_row("trainer traffic (MiB/step)", f"{per_step:.2f}")
+    for uid, seen in summary.get("servers_seen", {}).items():
+        moved = "weights moved" if seen["first_weights_digest"] != seen["last_weights_digest"] else "weights unchanged"
+        table.add_row(uid, f"{seen['steps']} steps, {moved}")
     console.print(table)
 
 
@@ -197,7 +226,7 @@ def run_local(
     with ProcessSupervisor() as supervisor:
         peers = _start_monitor(supervisor, config_path, log_dir, stop, max_steps, summary_path, started_at, [])
         console.print(f"DHT up at {peers}")
-        threads = str(threads_per_server(num_servers))
+        threads = str(threads_per_server(num_servers, len(stage_names)))
         for index in range(num_servers):
             stage = stage_names[index % len(stage_names)]
             args = ["--stage", stage, "--expert-index", str(index // len(stage_names)), "--initial-peers", peers]
@@ -253,7 +282,7 @@ def run_servers(config: Config, stop: threading.Event, num_servers: int, stage: 
     log_dir, _lock = claim_log_dir(config)
     config_path = log_dir / "servers_config.yaml"
     dump_config(config, config_path)
-    threads = str(threads_per_server(num_servers))
+    threads = str(threads_per_server(num_servers, config.num_stages))
     with ProcessSupervisor() as supervisor:
         for index in range(num_servers):
             ready_file = log_dir / f"server_{index}.ready"

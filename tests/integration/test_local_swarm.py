@@ -146,3 +146,71 @@ def test_sigkill_of_the_launcher_leaves_nothing_behind(tmp_path: Path) -> None:
         launcher.communicate(timeout=10)
     _, alive = psutil.wait_procs(tree, timeout=45)
     assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+
+
+def test_coordinator_and_servers_on_separate_launchers(tmp_path: Path) -> None:
+    """The many-machine path on one host: `distqat coordinator` prints where to join, `distqat servers`
+    joins with --initial-peers and --public-ip, each server takes the stage that needs it most."""
+    coordinator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distqat",
+            "coordinator",
+            "--config",
+            str(TINY),
+            "--log-dir",
+            str(tmp_path / "coord"),
+            "--max-steps",
+            "20",
+            "--public-ip",
+            "127.0.0.1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    servers = None
+    try:
+        peers_file = tmp_path / "coord" / "initial_peers.txt"
+        peers = str(wait_for(lambda: peers_file.exists() and peers_file.read_text().strip(), 90, "initial_peers.txt"))
+        assert peers.startswith("/ip4/127.0.0.1/tcp/")
+        servers = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distqat",
+                "servers",
+                "--config",
+                str(TINY),
+                "--num-servers",
+                "2",
+                "--log-dir",
+                str(tmp_path / "servers"),
+                "--initial-peers",
+                peers,
+                "--public-ip",
+                "127.0.0.1",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        output = coordinator.communicate(timeout=180)[0]
+        assert coordinator.returncode == 0, output
+        assert "distqat servers --initial-peers" in output
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+            coordinator.communicate()
+        if servers is not None:
+            servers.send_signal(signal.SIGTERM)
+            server_output = servers.communicate(timeout=60)[0]
+    assert servers.returncode == 0, server_output
+    assert "server_0 serves head.0.0.0" in server_output
+    assert "server_1 serves tail.0.0.0" in server_output
+    summary = json.loads((tmp_path / "coord" / "summary.json").read_text())
+    assert summary["steps"] >= 20
+    assert summary["last_loss"] < summary["first_loss"]
