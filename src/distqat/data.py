@@ -43,23 +43,31 @@ def _read_idx(path: Path, header_bytes: int) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as handle:
             raw = handle.read()
-    except FileNotFoundError:
-        raise DataError(
-            f"{path}: not found (install Debian's dataset-fashion-mnist, or set data.data_dir to a folder "
-            "holding the four Fashion-MNIST .gz files)"
-        ) from None
     except (OSError, EOFError) as error:
         raise DataError(f"{path}: unreadable: {error}") from None
     return np.frombuffer(raw, dtype=np.uint8, offset=header_bytes)
 
 
-def load_fashion_mnist(data: DataConfig) -> ImageDataset:
+def fashion_mnist_files(data: DataConfig) -> tuple[Path, Path]:
+    """The (images, labels) files of the configured split; raises DataError if either is missing."""
     if data.dataset_split not in _IDX_FILES:
         raise DataError(f"data.dataset_split '{data.dataset_split}': Fashion-MNIST has only 'train' and 'test'")
     folder = Path(data.data_dir) if data.data_dir else FASHION_MNIST_DIR
-    image_file, label_file = _IDX_FILES[data.dataset_split]
-    images = _read_idx(folder / image_file, header_bytes=16)
-    labels = _read_idx(folder / label_file, header_bytes=8)
+    files = tuple(folder / name for name in _IDX_FILES[data.dataset_split])
+    for path in files:
+        if not path.is_file():
+            raise DataError(
+                f"{path}: not found (install Debian's dataset-fashion-mnist, or set data.data_dir to a folder "
+                "holding the four Fashion-MNIST .gz files)"
+            )
+    return files  # type: ignore[return-value]
+
+
+def load_fashion_mnist(data: DataConfig) -> ImageDataset:
+    image_path, label_path = fashion_mnist_files(data)
+    folder, image_file = image_path.parent, image_path.name
+    images = _read_idx(image_path, header_bytes=16)
+    labels = _read_idx(label_path, header_bytes=8)
     if images.size != labels.size * 28 * 28:
         raise DataError(f"{folder}: {image_file} holds {images.size} pixels, expected {labels.size} images of 28x28")
     return ImageDataset(
@@ -69,18 +77,23 @@ def load_fashion_mnist(data: DataConfig) -> ImageDataset:
 
 
 _LOADERS = {"fashion_mnist": load_fashion_mnist}
+_CHECKS = {"fashion_mnist": fashion_mnist_files}
+
+
+def check_dataset(data: DataConfig) -> None:
+    """Raise DataError now for what `load_dataset` would fail on, without reading the data."""
+    if data.task_type != "cv":
+        raise DataError(f"data.task_type '{data.task_type}': only 'cv' datasets can be loaded in this version")
+    if data.dataset_name not in _LOADERS:
+        raise DataError(
+            f"data.dataset_name '{data.dataset_name}' is not available (available: {', '.join(sorted(_LOADERS))})"
+        )
+    _CHECKS[data.dataset_name](data)
 
 
 def load_dataset(data: DataConfig) -> ImageDataset:
-    if data.task_type != "cv":
-        raise DataError(f"data.task_type '{data.task_type}': only 'cv' datasets can be loaded in this version")
-    try:
-        loader = _LOADERS[data.dataset_name]
-    except KeyError:
-        raise DataError(
-            f"data.dataset_name '{data.dataset_name}' is not available (available: {', '.join(sorted(_LOADERS))})"
-        ) from None
-    dataset = loader(data)
+    check_dataset(data)
+    dataset = _LOADERS[data.dataset_name](data)
     if data.max_samples is not None:
         dataset = ImageDataset(dataset.images[: data.max_samples], dataset.labels[: data.max_samples])
     return dataset

@@ -54,6 +54,21 @@ def claim_log_dir(config: Config) -> tuple[Path, TextIO]:
     raise LaunchError(f"{base}: could not find a free log dir next to it")
 
 
+def preflight(config: Config) -> None:
+    """Fail now, with one line, on what every server or trainer would fail on after starting.
+
+    Otherwise a missing dataset would show up only as a trainer crashing and restarting in its log.
+    """
+    from distqat.data import check_dataset
+    from distqat.models import get_stage_entry
+    from distqat.runtime import resolve_device
+
+    for stage in config.model_pipeline.pipeline:
+        get_stage_entry(stage.model_name)
+    check_dataset(config.data)
+    resolve_device(config.device)
+
+
 def role_argv(role: str, config_path: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "distqat", role, "--config", str(config_path), *args]
 
@@ -181,19 +196,22 @@ def _watch(
 
 
 def _start_monitor(
-    supervisor, config_path, log_dir, stop, max_steps, summary_path, started_at, extra: list[str]
-) -> str:
+    supervisor: ProcessSupervisor,
+    config_path: Path,
+    log_dir: Path,
+    max_steps: int,
+    summary_path: Path | None,
+    started_at: float,
+) -> Callable[[threading.Event], str]:
+    """Start the monitor; returns a function that waits for its DHT and returns the initial peers."""
     (log_dir / INITIAL_PEERS_FILE).unlink(missing_ok=True)
     args = ["--log-dir", str(log_dir), "--max-steps", str(max_steps), "--started-at", repr(started_at)]
     if summary_path is not None:
         args += ["--summary", str(summary_path)]
     monitor = supervisor.start(
-        "monitor",
-        role_argv("monitor", config_path, *args, *extra),
-        log_dir / "monitor.log",
-        env={"DISTQAT_NUM_THREADS": "1"},
+        "monitor", role_argv("monitor", config_path, *args), log_dir / "monitor.log", env={"DISTQAT_NUM_THREADS": "1"}
     )
-    return wait_for_file(log_dir / INITIAL_PEERS_FILE, monitor, stop)
+    return lambda stop: wait_for_file(log_dir / INITIAL_PEERS_FILE, monitor, stop)
 
 
 def _start_client(supervisor, config_path, log_dir, peers: str, max_steps: int) -> None:
@@ -224,7 +242,9 @@ def run_local(
         f"{stage_names}, logs in {log_dir}"
     )
     with ProcessSupervisor() as supervisor:
-        peers = _start_monitor(supervisor, config_path, log_dir, stop, max_steps, summary_path, started_at, [])
+        monitor_ready = _start_monitor(supervisor, config_path, log_dir, max_steps, summary_path, started_at)
+        preflight(config)  # while the monitor starts
+        peers = monitor_ready(stop)
         console.print(f"DHT up at {peers}")
         threads = str(threads_per_server(num_servers, len(stage_names)))
         for index in range(num_servers):
@@ -260,7 +280,9 @@ def run_coordinator(
     config_path = log_dir / "config.yaml"
     dump_config(config, config_path)
     with ProcessSupervisor() as supervisor:
-        peers = _start_monitor(supervisor, config_path, log_dir, stop, max_steps, summary_path, started_at, [])
+        monitor_ready = _start_monitor(supervisor, config_path, log_dir, max_steps, summary_path, started_at)
+        preflight(config)  # while the monitor starts
+        peers = monitor_ready(stop)
         console.print(f"DHT up. Start servers elsewhere with:\n  distqat servers --initial-peers {peers}")
         _start_client(supervisor, config_path, log_dir, peers, max_steps)
         _watch(
@@ -279,6 +301,7 @@ def run_servers(config: Config, stop: threading.Event, num_servers: int, stage: 
             "network.initial_peers: servers need the swarm's address (--initial-peers, "
             f"see {INITIAL_PEERS_FILE} in the coordinator's log dir)"
         )
+    preflight(config)
     log_dir, _lock = claim_log_dir(config)
     config_path = log_dir / "servers_config.yaml"
     dump_config(config, config_path)

@@ -60,8 +60,14 @@ class SwarmView:
         self.replicas = replicas
         for info in (info for found in replicas.values() for info in found):
             seen = self.servers.setdefault(info.uid, {"first_weights_digest": info.weights_digest})
-            seen.update(peer_id=info.peer_id, device=info.device, steps=info.steps, samples=info.samples,
-                        last_weights_digest=info.weights_digest, last_seen=time.time())
+            seen.update(
+                peer_id=info.peer_id,
+                device=info.device,
+                steps=info.steps,
+                samples=info.samples,
+                last_weights_digest=info.weights_digest,
+                last_seen=time.time(),
+            )
         self.pipelines = count_complete_pipelines(replicas, stage_names)
 
     @property
