@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
@@ -43,3 +44,12 @@ def test_no_tensors_still_carries_metadata() -> None:
     assert len(messages) == 1
     assert decoded == []
     assert metadata == {"k": [1, 2]}
+
+
+def test_an_empty_stream_is_a_truncated_reply_not_an_empty_one() -> None:
+    async def nothing():
+        return
+        yield
+
+    with pytest.raises(wire.TruncatedStream):
+        asyncio.run(wire.decode(nothing()))

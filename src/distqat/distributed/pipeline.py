@@ -18,10 +18,11 @@ from torch import nn
 
 from distqat.config import Config
 from distqat.distributed.optim import build_optimizer
+from distqat.errors import StageCallError
 from distqat.models import build_pipeline_stages
 from distqat.swarm.records import ServerInfo
 from distqat.swarm.routing import Router
-from distqat.swarm.rpc import StageClient
+from distqat.swarm.rpc import Method, StageClient, expect_tensors
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -54,42 +55,41 @@ class RemotePipeline:
         route: list[ServerInfo] = [self.router.pick(stage) for stage in self.router.stage_names]
         activations = inputs
         for replica in route:
-            try:
-                result = await self.client.call(
-                    replica, "forward", [activations], {"mb": micro_batch}, timeouts.forward_timeout
-                )
-            except Exception:
-                self.router.ban(replica.uid)
-                raise
-            self._count(result.bytes_sent, result.bytes_received)
-            (activations,) = result.tensors
+            (activations,) = await self._hop(
+                replica, "forward", activations, {"mb": micro_batch}, timeouts.forward_timeout, replies=1
+            )
 
         logits = activations.requires_grad_(True)
         loss = loss_fn(logits, labels)
         loss.backward()
         grad = logits.grad
         for position in reversed(range(len(route))):
-            replica = route[position]
             want_grad = position > 0  # the first stage's input is data: its gradient is not needed
-            try:
-                result = await self.client.call(
-                    replica,
-                    "backward",
-                    [grad],
-                    {"mb": micro_batch, "want_grad": want_grad},
-                    timeouts.backward_timeout,
-                )
-            except Exception:
-                self.router.ban(replica.uid)
-                raise
-            self._count(result.bytes_sent, result.bytes_received)
+            replies = await self._hop(
+                route[position],
+                "backward",
+                grad,
+                {"mb": micro_batch, "want_grad": want_grad},
+                timeouts.backward_timeout,
+                replies=int(want_grad),
+            )
             if want_grad:
-                (grad,) = result.tensors
+                (grad,) = replies
         return float(loss.detach())
 
-    def _count(self, sent: int, received: int) -> None:
-        self.traffic.bytes_sent += sent
-        self.traffic.bytes_received += received
+    async def _hop(
+        self, replica: ServerInfo, method: Method, tensor: torch.Tensor, metadata: dict, timeout: float, replies: int
+    ) -> list[torch.Tensor]:
+        """One call; a replica that fails it is avoided for a while."""
+        try:
+            result = await self.client.call(replica, method, [tensor], metadata, timeout)
+            outputs = expect_tensors(result, replies, f"{method} of {replica.uid}")
+        except StageCallError:
+            self.router.ban(replica.uid)
+            raise
+        self.traffic.bytes_sent += result.bytes_sent
+        self.traffic.bytes_received += result.bytes_received
+        return outputs
 
 
 class LocalPipeline:

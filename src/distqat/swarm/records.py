@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any, Literal, TypeVar
 
 from hivemind import DHT
@@ -85,7 +86,7 @@ def _store(dht: DHT, key: str, subkey: str, value: dict[str, Any], ttl: float, t
     future = dht.store(key, value, expiration_time=get_dht_time() + ttl, subkey=subkey, return_future=True)
     try:
         stored = future.result(timeout=timeout)
-    except TimeoutError:
+    except (FutureTimeoutError, TimeoutError):  # distinct classes before Python 3.11
         future.cancel()
         raise SwarmError(f"DHT store of '{key}' timed out after {timeout:.0f} s") from None
     if not stored:
@@ -96,7 +97,7 @@ def _get_subkeys(dht: DHT, key: str, record_type: type[R], timeout: float) -> li
     future = dht.get(key, latest=True, return_future=True)
     try:
         found = future.result(timeout=timeout)
-    except TimeoutError:
+    except (FutureTimeoutError, TimeoutError):  # distinct classes before Python 3.11
         future.cancel()
         raise SwarmError(f"DHT get of '{key}' timed out after {timeout:.0f} s") from None
     if found is None or not isinstance(found.value, dict):

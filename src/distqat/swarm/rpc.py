@@ -84,6 +84,8 @@ class StageClient:
             raise StageTimeoutError(f"{where} timed out after {timeout:.1f} s") from None
         except P2PHandlerError as error:
             raise StageCallError(f"{where} failed on the server: {_one_line(error)}") from None
+        except wire.TruncatedStream:
+            raise StageCallError(f"{where} failed: the connection closed before the reply") from None
         except (P2PDaemonError, ConnectionError, OSError, asyncio.IncompleteReadError) as error:
             self._connected.discard(replica.peer_id)
             raise StageCallError(f"{where} failed: {_one_line(error)}") from None
@@ -104,6 +106,13 @@ class StageClient:
         )
         outputs, out_metadata, received = await wire.decode(responses)
         return CallResult(outputs, out_metadata, sent, received)
+
+
+def expect_tensors(result: CallResult, count: int, where: str) -> list[torch.Tensor]:
+    """The reply's tensors, or a StageCallError if a (buggy or hostile) peer sent another number."""
+    if len(result.tensors) != count:
+        raise StageCallError(f"{where}: expected {count} tensors in the reply, got {len(result.tensors)}")
+    return result.tensors
 
 
 def _one_line(error: BaseException) -> str:

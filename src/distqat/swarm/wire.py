@@ -46,8 +46,16 @@ def encode(
     return messages, nbytes
 
 
+class TruncatedStream(Exception):
+    """The stream ended before its first message: the peer closed it without a reply."""
+
+
 async def decode(stream: AsyncIterator[Message]) -> tuple[list[torch.Tensor], dict[str, Any], int]:
-    """Reassemble (tensors, metadata, bytes on the wire) from a stream made by `encode`."""
+    """Reassemble (tensors, metadata, bytes on the wire) from a stream made by `encode`.
+
+    `encode` always sends at least one message, so an empty stream is an error, not an empty reply:
+    hivemind ends a response stream silently when the connection drops.
+    """
     metadata: dict[str, Any] | None = None
     groups: list[list[runtime_pb2.Tensor]] = []
     nbytes = 0
@@ -62,8 +70,10 @@ async def decode(stream: AsyncIterator[Message]) -> tuple[list[torch.Tensor], di
                 groups.append([part])
             else:
                 groups[-1].append(part)
+    if metadata is None:
+        raise TruncatedStream("the stream ended without a single message")
     tensors = [deserialize_torch_tensor(combine_from_streaming(group)) for group in groups]
-    return tensors, metadata or {}, nbytes
+    return tensors, metadata, nbytes
 
 
 async def iterate(messages: Sequence[Message]) -> AsyncIterator[Message]:
