@@ -79,7 +79,7 @@ class StageReplica:
 
     def weights_digest(self) -> float:
         with torch.no_grad():
-            return float(sum(parameter.double().sum() for parameter in self.module.parameters()))
+            return float(sum(parameter.sum(dtype=torch.float64) for parameter in self.module.parameters()))
 
     def drop_expired(self, max_age_s: float) -> int:
         """Forget micro-batches whose backward never came (their trainer died or gave up)."""

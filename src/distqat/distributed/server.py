@@ -61,7 +61,6 @@ class StageServer:
             started_at=time.time(),
         )
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
-        self._busy_s = 0.0
         self._window_start, self._window_samples = time.monotonic(), 0
 
     # --- the stage RPC (StageService) ---
@@ -78,15 +77,12 @@ class StageServer:
         return ([] if grad_inputs is None or not metadata.get("want_grad", True) else [grad_inputs]), {}
 
     async def _run(self, function, *args):
-        started = time.perf_counter()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
-        finally:
-            self._busy_s += time.perf_counter() - started
+        # One compute thread: forward, backward and the weights digest never overlap an optimiser step.
+        return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
 
     # --- lifecycle ---
 
-    def _refresh_info(self) -> records.ServerInfo:
+    async def _refresh_info(self) -> records.ServerInfo:
         now = time.monotonic()
         elapsed = now - self._window_start
         if elapsed >= 5.0:
@@ -97,9 +93,10 @@ class StageServer:
             )
             self._window_start, self._window_samples = now, 0
         if self.info.steps != self.replica.weights_version or self.info.weights_digest == 0.0:
-            self.info.weights_digest = self.replica.weights_digest()
-        self.info.samples = self.replica.samples
-        self.info.steps = self.replica.weights_version
+            # Read on the compute thread, so the digest and the step count describe the same weights.
+            self.info.weights_digest, self.info.steps, self.info.samples = await self._run(
+                lambda: (self.replica.weights_digest(), self.replica.weights_version, self.replica.samples)
+            )
         return self.info
 
     async def serve(self, stop: threading.Event, ready_file: Path | None = None) -> None:
@@ -115,7 +112,7 @@ class StageServer:
                         records.announce_server,
                         self.dht,
                         self.config.experiment_prefix,
-                        self._refresh_info(),
+                        await self._refresh_info(),
                         network.heartbeat_expiry,
                         network.dht_timeout,
                     )
@@ -124,7 +121,7 @@ class StageServer:
                 else:
                     if ready_file is not None and not ready_file.exists():
                         ready_file.write_text(self.info.uid)
-                dropped = self.replica.drop_expired(max_age)
+                dropped = await self._run(self.replica.drop_expired, max_age)
                 if dropped:
                     logger.warning("dropped %d micro-batches whose backward never came", dropped)
                 await asyncio.to_thread(stop.wait, network.heartbeat_period)
