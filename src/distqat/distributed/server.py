@@ -144,8 +144,17 @@ def choose_slot(config: Config, dht: DHT, stage: str | None, expert_index: int |
     replicas = records.fetch_replicas(dht, config.experiment_prefix, stage_names, config.network.dht_timeout)
     stage = stage or stage_with_fewest_replicas(replicas, stage_names)
     taken = {info.expert_index for info in replicas[stage]}
+    if taken:
+        logger.warning(
+            "stage '%s' has %d other replicas; they train independently in this version (no DiLoCo averaging yet)",
+            stage,
+            len(taken),
+        )
     if expert_index is None:
-        expert_index = free_expert_index(taken, config.max_expert_index)
+        try:
+            expert_index = free_expert_index(taken, config.max_expert_index)
+        except ValueError as error:
+            raise SwarmError(f"stage '{stage}': {error}") from None
     elif expert_index in taken:
         raise SwarmError(f"replica index {expert_index} of stage '{stage}' is already served by a live peer")
     return stage, expert_index
