@@ -264,6 +264,7 @@ def run_local(
             ProgressPrinter(log_dir / "metrics.jsonl"),
             essential=lambda name: not name.startswith("server_"),
         )
+        supervisor.stop("client")  # trainers first, so that none sees its servers vanish mid-step
     return _read_summary(summary_path)
 
 
@@ -291,6 +292,7 @@ def run_coordinator(
             lambda name, code: name == "monitor" and code == 0,
             ProgressPrinter(log_dir / "metrics.jsonl"),
         )
+        supervisor.stop("client")  # trainers first, so that none sees its servers vanish mid-step
     return _read_summary(summary_path)
 
 

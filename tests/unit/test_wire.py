@@ -41,7 +41,7 @@ def test_large_tensors_are_split_into_frames_under_the_limit() -> None:
 
 def test_no_tensors_still_carries_metadata() -> None:
     messages, _, decoded, metadata, _ = round_trip([], {"k": [1, 2]})
-    assert len(messages) == 1
+    assert len(messages) == 2  # the metadata, then the end marker
     assert decoded == []
     assert metadata == {"k": [1, 2]}
 
@@ -53,3 +53,10 @@ def test_an_empty_stream_is_a_truncated_reply_not_an_empty_one() -> None:
 
     with pytest.raises(wire.TruncatedStream):
         asyncio.run(wire.decode(nothing()))
+
+
+def test_a_stream_cut_before_its_end_marker_is_truncated() -> None:
+    messages, _ = wire.encode(runtime_pb2.ExpertRequest, [torch.randn(1024, 1024)], {"mb": "1"})
+    assert len(messages) >= 3
+    with pytest.raises(wire.TruncatedStream):
+        asyncio.run(wire.decode(wire.iterate(messages[:-1])))

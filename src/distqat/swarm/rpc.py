@@ -22,6 +22,7 @@ from distqat.swarm import wire
 from distqat.swarm.records import ServerInfo
 
 Method = Literal["forward", "backward"]
+REPLY_LINGER = 60.0  # seconds a handler keeps its stream open for the caller to read the reply and close
 HANDLER_NAMES: dict[Method, str] = {"forward": "distqat.stage.forward", "backward": "distqat.stage.backward"}
 
 
@@ -50,6 +51,10 @@ async def register_stage_service(p2p: P2P, service: StageService) -> None:
             messages, _ = wire.encode(runtime_pb2.ExpertResponse, outputs, out_metadata)
             for message in messages:
                 yield message
+            # Do not close our end first: p2pd (stream.go doStreamPipe) may then reset the libp2p stream and the
+            # caller's daemon drops the reply it has not read yet. The caller closes after the end marker;
+            # hivemind then cancels this generator.
+            await asyncio.sleep(REPLY_LINGER)
 
         await p2p.add_protobuf_handler(name, handle, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True)
 
@@ -104,7 +109,10 @@ class StageClient:
         responses = await self._p2p.iterate_protobuf_handler(
             peer_id, HANDLER_NAMES[method], wire.iterate(messages), runtime_pb2.ExpertResponse
         )
-        outputs, out_metadata, received = await wire.decode(responses)
+        try:
+            outputs, out_metadata, received = await wire.decode(responses)
+        finally:
+            await responses.aclose()  # close our end: the server's handler is waiting for it
         return CallResult(outputs, out_metadata, sent, received)
 
 

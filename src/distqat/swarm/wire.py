@@ -2,8 +2,9 @@
 
 A call is a stream of hivemind `ExpertRequest`/`ExpertResponse` protobufs. The first message carries the
 metadata; every message carries at most one chunk of one serialized tensor, so no message exceeds the
-daemon's frame limit (4 MiB) whatever the activation size. The byte counts returned are what really
-crossed the wire (tensor buffers plus metadata).
+daemon's frame limit (4 MiB) whatever the activation size; an empty message ends the stream. hivemind
+ends a stream silently when the connection drops, so only the end marker tells a whole reply from a cut
+one. The byte counts returned are what really crossed the wire (tensor buffers plus metadata).
 """
 
 from __future__ import annotations
@@ -43,23 +44,30 @@ def encode(
             messages[0].tensors.append(part)
         else:
             messages.append(message_type(tensors=[part]))
+    messages.append(message_type())  # end marker: the stream's last message, with no metadata and no tensors
     return messages, nbytes
 
 
+def is_end_marker(message: Message) -> bool:
+    # The first message always has metadata (msgpack of a dict is >= 1 byte), later ones always a tensor chunk.
+    return not message.metadata and not message.tensors
+
+
 class TruncatedStream(Exception):
-    """The stream ended before its first message: the peer closed it without a reply."""
+    """The stream ended before its end marker: the peer or the connection dropped (part of) the reply."""
 
 
 async def decode(stream: AsyncIterator[Message]) -> tuple[list[torch.Tensor], dict[str, Any], int]:
-    """Reassemble (tensors, metadata, bytes on the wire) from a stream made by `encode`.
-
-    `encode` always sends at least one message, so an empty stream is an error, not an empty reply:
-    hivemind ends a response stream silently when the connection drops.
-    """
+    """Reassemble (tensors, metadata, bytes on the wire) from a stream made by `encode`; a stream that ends
+    before its end marker raises TruncatedStream."""
     metadata: dict[str, Any] | None = None
     groups: list[list[runtime_pb2.Tensor]] = []
     nbytes = 0
+    complete = False
     async for message in stream:
+        if is_end_marker(message):
+            complete = True
+            break
         if metadata is None:
             metadata = msgpack.unpackb(message.metadata, raw=False) if message.metadata else {}
             nbytes += len(message.metadata)
@@ -70,8 +78,8 @@ async def decode(stream: AsyncIterator[Message]) -> tuple[list[torch.Tensor], di
                 groups.append([part])
             else:
                 groups[-1].append(part)
-    if metadata is None:
-        raise TruncatedStream("the stream ended without a single message")
+    if metadata is None or not complete:
+        raise TruncatedStream("the stream ended before its end marker")
     tensors = [deserialize_torch_tensor(combine_from_streaming(group)) for group in groups]
     return tensors, metadata, nbytes
 
