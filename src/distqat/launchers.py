@@ -50,6 +50,7 @@ def claim_log_dir(config: Config) -> tuple[Path, TextIO]:
         lock.flush()
         if candidate != base:
             console.print(f"[yellow]{base} is in use by another run; logging to {candidate}[/]")
+        console.print(f"logs in {candidate}")
         return candidate, lock
     raise LaunchError(f"{base}: could not find a free log dir next to it")
 
@@ -225,28 +226,49 @@ def _start_client(supervisor, config_path, log_dir, peers: str, max_steps: int) 
     )
 
 
-def run_local(
-    config: Config, stop: threading.Event, max_steps: int, summary_path: Path | None, num_servers: int | None = None
+def _run_monitored(
+    config: Config,
+    stop: threading.Event,
+    max_steps: int,
+    summary_path: Path | None,
+    announce: Callable[[str], None],
+    start_servers: Callable[[ProcessSupervisor, Path, Path, str], None] | None = None,
 ) -> dict[str, Any] | None:
-    """The whole swarm on this machine: monitor, servers (round-robin over the stages) and client."""
+    """Monitor, optional local servers, client; until the monitor ends the run or we are stopped."""
     started_at = time.time()
-    log_dir, _lock = claim_log_dir(config)
+    log_dir, _lock = claim_log_dir(config)  # the lock is held until we return
     summary_path = summary_path or log_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
     config_path = log_dir / "config.yaml"
     dump_config(config, config_path)
-    stage_names = config.model_pipeline.stage_names
-    num_servers = num_servers or config.world_size or len(stage_names)
-    console.print(
-        f"[bold]distqat local[/]: {config.experiment_prefix}, {num_servers} servers over stages "
-        f"{stage_names}, logs in {log_dir}"
-    )
     with ProcessSupervisor() as supervisor:
         monitor_ready = _start_monitor(supervisor, config_path, log_dir, max_steps, summary_path, started_at)
         preflight(config)  # while the monitor starts
         peers = monitor_ready(stop)
-        console.print(f"DHT up at {peers}")
-        threads = str(threads_per_server(num_servers, len(stage_names)))
+        announce(peers)
+        if start_servers is not None:
+            start_servers(supervisor, config_path, log_dir, peers)
+        _start_client(supervisor, config_path, log_dir, peers, max_steps)
+        _watch(
+            supervisor,
+            stop,
+            lambda name, code: name == "monitor" and code == 0,
+            ProgressPrinter(log_dir / "metrics.jsonl"),
+            essential=lambda name: not name.startswith("server_"),  # the swarm lives on without a server
+        )
+        supervisor.stop("client")  # trainers first, so that none sees its servers vanish mid-step
+    return _read_summary(summary_path)
+
+
+def run_local(
+    config: Config, stop: threading.Event, max_steps: int, summary_path: Path | None, num_servers: int | None = None
+) -> dict[str, Any] | None:
+    """The whole swarm on this machine: monitor, servers (round-robin over the stages) and client."""
+    stage_names = config.model_pipeline.stage_names
+    num_servers = num_servers or config.world_size or len(stage_names)
+    threads = str(threads_per_server(num_servers, len(stage_names)))
+
+    def start_servers(supervisor: ProcessSupervisor, config_path: Path, log_dir: Path, peers: str) -> None:
         for index in range(num_servers):
             stage = stage_names[index % len(stage_names)]
             args = ["--stage", stage, "--expert-index", str(index // len(stage_names)), "--initial-peers", peers]
@@ -256,44 +278,24 @@ def run_local(
                 log_dir / f"server_{index}.log",
                 env={"DISTQAT_NUM_THREADS": threads},
             )
-        _start_client(supervisor, config_path, log_dir, peers, max_steps)
-        _watch(
-            supervisor,
-            stop,
-            lambda name, code: name == "monitor" and code == 0,
-            ProgressPrinter(log_dir / "metrics.jsonl"),
-            essential=lambda name: not name.startswith("server_"),
-        )
-        supervisor.stop("client")  # trainers first, so that none sees its servers vanish mid-step
-    return _read_summary(summary_path)
+
+    console.print(
+        f"[bold]distqat local[/]: {config.experiment_prefix}, {num_servers} servers over stages {stage_names}"
+    )
+    return _run_monitored(
+        config, stop, max_steps, summary_path, lambda peers: console.print(f"DHT up at {peers}"), start_servers
+    )
 
 
 def run_coordinator(
-    config: Config,
-    stop: threading.Event,
-    max_steps: int,
-    summary_path: Path | None,
+    config: Config, stop: threading.Event, max_steps: int, summary_path: Path | None
 ) -> dict[str, Any] | None:
     """Monitor + client on this machine; servers join from others with the printed initial peers."""
-    started_at = time.time()
-    log_dir, _lock = claim_log_dir(config)
-    summary_path = summary_path or log_dir / "summary.json"
-    config_path = log_dir / "config.yaml"
-    dump_config(config, config_path)
-    with ProcessSupervisor() as supervisor:
-        monitor_ready = _start_monitor(supervisor, config_path, log_dir, max_steps, summary_path, started_at)
-        preflight(config)  # while the monitor starts
-        peers = monitor_ready(stop)
+
+    def announce(peers: str) -> None:
         console.print(f"DHT up. Start servers elsewhere with:\n  distqat servers --initial-peers {peers}")
-        _start_client(supervisor, config_path, log_dir, peers, max_steps)
-        _watch(
-            supervisor,
-            stop,
-            lambda name, code: name == "monitor" and code == 0,
-            ProgressPrinter(log_dir / "metrics.jsonl"),
-        )
-        supervisor.stop("client")  # trainers first, so that none sees its servers vanish mid-step
-    return _read_summary(summary_path)
+
+    return _run_monitored(config, stop, max_steps, summary_path, announce)
 
 
 def run_servers(config: Config, stop: threading.Event, num_servers: int, stage: str | None) -> None:
