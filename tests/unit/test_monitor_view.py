@@ -70,3 +70,12 @@ def test_summary_reports_first_and_last_loss_and_weights_movement() -> None:
     assert summary["servers"] == 2
     assert summary["servers_seen"]["head.0.0.0"]["first_weights_digest"] == 1.0
     assert summary["servers_seen"]["head.0.0.0"]["last_weights_digest"] == 1.5
+
+
+def test_first_loss_is_the_window_of_the_first_life() -> None:
+    view = SwarmView()
+    view.update([metrics("trainer_0", 1, 1.0, first=2.5)], {}, [])  # seen after one step
+    view.update([metrics("trainer_0", 12, 2.0, first=2.1)], {}, [])  # the window has filled
+    assert view.first_loss["trainer_0"] == 2.1
+    view.update([metrics("trainer_0", 3, 3.0, first=0.9)], {}, [])  # restarted: its window starts late
+    assert view.first_loss["trainer_0"] == 2.1

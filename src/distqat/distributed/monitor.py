@@ -34,7 +34,8 @@ class SwarmView:
     """What the monitor has seen so far; survives trainer restarts (a restarted trainer counts from 0 again)."""
 
     latest: dict[str, records.TrainerMetrics] = field(default_factory=dict)
-    first_loss: dict[str, float] = field(default_factory=dict)
+    first_loss: dict[str, float] = field(default_factory=dict)  # of each trainer's first life
+    restarted: set[str] = field(default_factory=set)
     retired_steps: int = 0
     retired_samples: int = 0
     replicas: dict[str, list[records.ServerInfo]] = field(default_factory=dict)
@@ -54,9 +55,11 @@ class SwarmView:
             if previous is not None and metrics.step < previous.step:
                 self.retired_steps += previous.step
                 self.retired_samples += previous.samples
+                self.restarted.add(metrics.trainer_id)
             self.latest[metrics.trainer_id] = metrics
-            if math.isfinite(metrics.first_loss_avg):
-                self.first_loss.setdefault(metrics.trainer_id, metrics.first_loss_avg)
+            # first_loss_avg grows to its window over the first steps; a restarted trainer's starts later.
+            if math.isfinite(metrics.first_loss_avg) and metrics.trainer_id not in self.restarted:
+                self.first_loss[metrics.trainer_id] = metrics.first_loss_avg
         self.replicas = replicas
         for info in (info for found in replicas.values() for info in found):
             seen = self.servers.setdefault(info.uid, {"first_weights_digest": info.weights_digest})
