@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distqat.config import Config, dump_config
-from distqat.distributed.monitor import INITIAL_PEERS_FILE
+from distqat.distributed.monitor import INITIAL_PEERS_FILE, METRICS_FILE
 from distqat.errors import DistQatError
 from distqat.launch import ProcessSupervisor, RoleProcess
 
@@ -205,7 +205,9 @@ def _start_monitor(
     started_at: float,
 ) -> Callable[[threading.Event], str]:
     """Start the monitor; returns a function that waits for its DHT and returns the initial peers."""
-    (log_dir / INITIAL_PEERS_FILE).unlink(missing_ok=True)
+    # What an earlier run left in this log dir must not be mistaken for this run's.
+    for stale in (INITIAL_PEERS_FILE, METRICS_FILE):
+        (log_dir / stale).unlink(missing_ok=True)
     args = ["--log-dir", str(log_dir), "--max-steps", str(max_steps), "--started-at", repr(started_at)]
     if summary_path is not None:
         args += ["--summary", str(summary_path)]
@@ -253,7 +255,7 @@ def _run_monitored(
             supervisor,
             stop,
             lambda name, code: name == "monitor" and code == 0,
-            ProgressPrinter(log_dir / "metrics.jsonl"),
+            ProgressPrinter(log_dir / METRICS_FILE),
             essential=lambda name: not name.startswith("server_"),  # the swarm lives on without a server
         )
         supervisor.stop("client")  # trainers first, so that none sees its servers vanish mid-step

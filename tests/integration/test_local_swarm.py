@@ -66,10 +66,14 @@ def role_process(launcher: subprocess.Popen[str], *words: str) -> psutil.Process
 def test_two_local_swarms_at_once_both_train(tmp_path: Path) -> None:
     """Ports 0 and a locked log dir: two runs of the same config on one machine do not collide."""
     log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    stale_row = {"steps": 999, "loss": 9.0, "samples_per_s": 9.0, "pipelines": 9, "servers": 9}
+    (log_dir / "metrics.jsonl").write_text(json.dumps(stale_row) + "\n")  # an earlier run's
     runs = [start_local(log_dir, "--max-steps", "30", "--summary", str(tmp_path / f"summary_{i}.json")) for i in (0, 1)]
     outputs = [run.communicate(timeout=240)[0] for run in runs]
     for run, output in zip(runs, outputs, strict=True):
         assert run.returncode == 0, output
+        assert "step   999" not in output  # progress is this run's only
 
     used_dirs = {log_dir, log_dir.with_name("logs-2")}
     assert all((d / "monitor.log").is_file() for d in used_dirs)

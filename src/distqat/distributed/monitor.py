@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 POLL_PERIOD = 0.5  # seconds between two looks at the DHT
 INITIAL_PEERS_FILE = "initial_peers.txt"
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -152,7 +153,7 @@ def run_monitor(
         staging.write_text(peers + "\n")
         staging.replace(log_dir / INITIAL_PEERS_FILE)
         logger.info("DHT up; initial peers: %s", peers)
-        sinks.append(JsonlSink(log_dir / "metrics.jsonl"))
+        sinks.append(JsonlSink(log_dir / METRICS_FILE))
         wandb_sink = WandbSink.open(
             config.wandb_project, config.wandb_entity, config.experiment_prefix, config.model_dump(mode="json")
         )
