@@ -23,14 +23,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def start_local(log_dir: Path, *args: str) -> subprocess.Popen[str]:
+def start_distqat(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "distqat", "local", "--config", str(TINY), "--log-dir", str(log_dir), *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        [sys.executable, "-m", "distqat", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def start_local(log_dir: Path, *args: str) -> subprocess.Popen[str]:
+    return start_distqat("local", "--config", str(TINY), "--log-dir", str(log_dir), *args)
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.25) -> object:
@@ -155,52 +155,34 @@ def test_sigkill_of_the_launcher_leaves_nothing_behind(tmp_path: Path) -> None:
 def test_coordinator_and_servers_on_separate_launchers(tmp_path: Path) -> None:
     """The many-machine path on one host: `distqat coordinator` prints where to join, `distqat servers`
     joins with --initial-peers and --public-ip, each server takes the stage that needs it most."""
-    coordinator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distqat",
-            "coordinator",
-            "--config",
-            str(TINY),
-            "--log-dir",
-            str(tmp_path / "coord"),
-            "--max-steps",
-            "20",
-            "--public-ip",
-            "127.0.0.1",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    coordinator = start_distqat(
+        "coordinator",
+        "--config",
+        str(TINY),
+        "--log-dir",
+        str(tmp_path / "coord"),
+        "--max-steps",
+        "20",
+        "--public-ip",
+        "127.0.0.1",
     )
     servers = None
     try:
         peers_file = tmp_path / "coord" / "initial_peers.txt"
         peers = str(wait_for(lambda: peers_file.exists() and peers_file.read_text().strip(), 90, "initial_peers.txt"))
         assert peers.startswith("/ip4/127.0.0.1/tcp/")
-        servers = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "distqat",
-                "servers",
-                "--config",
-                str(TINY),
-                "--num-servers",
-                "2",
-                "--log-dir",
-                str(tmp_path / "servers"),
-                "--initial-peers",
-                peers,
-                "--public-ip",
-                "127.0.0.1",
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        servers = start_distqat(
+            "servers",
+            "--config",
+            str(TINY),
+            "--num-servers",
+            "2",
+            "--log-dir",
+            str(tmp_path / "servers"),
+            "--initial-peers",
+            peers,
+            "--public-ip",
+            "127.0.0.1",
         )
         output = coordinator.communicate(timeout=180)[0]
         assert coordinator.returncode == 0, output
