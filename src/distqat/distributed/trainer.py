@@ -137,28 +137,28 @@ async def _refresh_routes_once(dht: DHT, config: Config, router: Router) -> None
 
 
 async def _refresh_routes(dht: DHT, config: Config, router: Router, stop: threading.Event, wake: asyncio.Event):
+    """Refresh every poll period, or at once when a failed step sets `wake`."""
     while not stop.is_set():
-        await _refresh_routes_once(dht, config, router)
         wake.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), config.network.client_poll_period)
+        await _refresh_routes_once(dht, config, router)
+
+
+async def _publish(dht: DHT, config: Config, record: records.TrainerMetrics) -> None:
+    try:
+        await asyncio.to_thread(
+            records.publish_trainer_metrics, dht, config.experiment_prefix, record, config.network.dht_timeout
+        )
+    except SwarmError as error:
+        logger.warning("could not publish metrics: %s", error)
 
 
 async def _publish_metrics(dht, config, progress, traffic, stop: threading.Event, peer_id: str) -> None:
     while not stop.is_set():
         await asyncio.to_thread(stop.wait, config.network.metrics_period)
-        if progress.step == 0:
-            continue
-        try:
-            await asyncio.to_thread(
-                records.publish_trainer_metrics,
-                dht,
-                config.experiment_prefix,
-                progress.record(peer_id, traffic),
-                config.network.dht_timeout,
-            )
-        except SwarmError as error:
-            logger.warning("could not publish metrics: %s", error)
+        if progress.step > 0:
+            await _publish(dht, config, progress.record(peer_id, traffic))
 
 
 async def _train_in_swarm(
@@ -178,13 +178,7 @@ async def _train_in_swarm(
     try:
         await train(pipeline, batches, progress, max_steps, stop, on_no_route=wake)
         finished = max_steps > 0 and progress.step >= max_steps
-        await asyncio.to_thread(
-            records.publish_trainer_metrics,
-            dht,
-            config.experiment_prefix,
-            progress.record(peer_id, pipeline.traffic, finished=finished),
-            config.network.dht_timeout,
-        )
+        await _publish(dht, config, progress.record(peer_id, pipeline.traffic, finished=finished))
         logger.info(
             "trainer stopped at step %d (%d samples, %d failed steps)",
             progress.step,
