@@ -30,18 +30,24 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset_name: str = Field("fashion_mnist", description="dataset: 'fashion_mnist', 'mnist_5k' or 'synthetic'")
-    dataset_config: str | None = Field(None, description="dataset sub-config (HF hub datasets)")
+    dataset_name: str = Field("fashion_mnist", description="dataset to train on; this version reads 'fashion_mnist'")
+    dataset_config: str | None = Field(
+        None, description="sub-config of a Hugging Face hub dataset (not read by this version)"
+    )
     dataset_split: str = Field("train", description="split to train on: 'train' or 'test'")
     data_dir: str | None = Field(None, description="folder with the dataset's files; None: where its package puts them")
-    task_type: Literal["cv", "llm", "speech"] = Field("cv", description="task: sets collate and loss")
-    num_workers: int = Field(0, ge=0, description="loader worker processes (0: in the trainer)")
+    task_type: Literal["cv", "llm", "speech"] = Field(
+        "cv", description="task: sets collate and loss; this version trains 'cv' (classification)"
+    )
+    num_workers: int = Field(
+        0, ge=0, description="loader processes (this version prepares batches in one thread per trainer)"
+    )
     precision: Literal["fp32", "fp16-mixed", "bf16", "bf16-mixed"] = Field(
         "fp32", description="compute precision of the stages (mixed modes autocast on the stage's device)"
     )
     num_channels: int = Field(1, ge=1, le=4, description="image channels")
     img_size: int = Field(28, ge=8, description="image side in pixels (images are resized to this)")
-    seq_len: int = Field(128, ge=1, description="tokens per sequence (llm)")
+    seq_len: int = Field(128, ge=1, description="tokens per sequence (llm; not read by this version)")
     max_samples: int | None = Field(None, ge=1, description="use only the first N samples (None: all)")
 
 
@@ -66,12 +72,14 @@ class DilocoConfig(Section):
     inner_optim: OptimConfig = Field(default_factory=OptimConfig, description="each replica's local optimiser")
     outer_optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(type="sgd", sgd_lr=0.7, sgd_momentum=0.9, sgd_nesterov=True),
-        description="optimiser applied to averaged pseudo-gradients",
+        description="optimiser applied to averaged pseudo-gradients (DiLoCo: not active in this version)",
     )
-    inner_steps: int = Field(500, ge=1, description="local steps between two averaging rounds")
-    outer_steps: int = Field(100, ge=1, description="number of averaging rounds")
+    inner_steps: int = Field(500, ge=1, description="local steps between two averaging rounds (DiLoCo: not active yet)")
+    outer_steps: int = Field(100, ge=1, description="number of averaging rounds (DiLoCo: not active yet)")
     batch_size_per_step: int = Field(32, ge=1, description="samples per training step (per trainer)")
-    averaging_timeout: float = Field(60.0, gt=0, description="seconds an averaging round may take")
+    averaging_timeout: float = Field(
+        60.0, gt=0, description="seconds an averaging round may take (DiLoCo: not active yet)"
+    )
 
 
 class StageConfig(Section):
@@ -331,7 +339,7 @@ def resolve_override_key(key: str) -> tuple[str, ...]:
     if len(leaf_matches) > 1:
         options = ", ".join("--" + ".".join(p).replace("_", "-") for p in leaf_matches)
         raise ConfigError(f"command line: --{key} is ambiguous, say one of {options}")
-    raise ConfigError(f"command line: --{key} is not a config field (see configs/template_config.yaml)")
+    raise ConfigError(f"command line: --{key} is not a config field (every field: configs/template_config.yaml)")
 
 
 def _parse_value(text: str) -> Any:
@@ -352,3 +360,50 @@ def _set_nested(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
             node[key] = child
         node = child
     node[keys[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the documented template: configs/template_config.yaml is this function's output (a test keeps them equal)
+
+_TEMPLATE_HEADER = """\
+# Every DistQat config field, with its meaning, unit and default. Generated from distqat/config.py:
+#   python -c "from distqat.config import render_template; print(render_template(), end='')" \\
+#     > configs/template_config.yaml
+# Any field can be overridden on the command line: --section.field VALUE (or --section-field VALUE).
+"""
+_TEMPLATE_PIPELINE = [
+    {"model_name": "resnet18.head", "num_classes": 10},
+    {"model_name": "resnet18.tail", "num_classes": 10},
+]
+
+
+def render_template() -> str:
+    lines = [_TEMPLATE_HEADER.rstrip("\n")]
+    _render_fields(Config, Config.model_validate({"model_pipeline": {"pipeline": _TEMPLATE_PIPELINE}}), 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render_fields(model: type[BaseModel], values: BaseModel, depth: int, lines: list[str]) -> None:
+    indent = "  " * depth
+    for name, field in model.model_fields.items():
+        value = getattr(values, name)
+        if isinstance(value, BaseModel):
+            if depth == 0:
+                lines.append("")
+            if field.description:
+                lines.append(f"{indent}# {field.description}")
+            lines.append(f"{indent}{name}:")
+            _render_fields(type(value), value, depth + 1, lines)
+            continue
+        if field.description:
+            lines.append(f"{indent}# {field.description}")
+        dumped = yaml.safe_dump({name: _plain(value)}, default_flow_style=False, sort_keys=False, width=200)
+        lines.extend(indent + line for line in dumped.rstrip("\n").splitlines())
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value

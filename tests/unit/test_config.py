@@ -123,3 +123,16 @@ def test_ambiguous_short_override_is_an_error() -> None:
 def test_stray_positional_argument_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unexpected argument 'oops'"):
         load_config(write(tmp_path, MINIMAL), ["oops"])
+
+
+def test_template_documents_every_field_and_is_up_to_date() -> None:
+    from distqat.config import Config as ConfigModel
+    from distqat.config import _leaf_paths, render_template
+
+    template = REPO / "configs" / "template_config.yaml"
+    assert template.read_text() == render_template(), "regenerate it with the command in its header"
+    config = load_config(template)
+    assert config.model_pipeline.stage_names == ["head", "tail"]
+    text = template.read_text()
+    for path in _leaf_paths(ConfigModel):
+        assert f"{path[-1]}:" in text, path
