@@ -27,11 +27,7 @@ class SwarmError(DistQatError):
 
 
 class StageCallError(SwarmError):
-    """A remote stage call failed; `retryable` tells whether another replica may succeed."""
-
-    def __init__(self, message: str, *, retryable: bool = True):
-        super().__init__(message)
-        self.retryable = retryable
+    """A remote stage call failed: the micro-batch may be retried on another replica."""
 
 
 class StageTimeoutError(StageCallError):

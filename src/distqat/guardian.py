@@ -102,11 +102,6 @@ def held_files(pids: Iterable[int], with_maps: bool = True) -> tuple[set[str], s
     return sockets, shm
 
 
-def unix_sockets_of(pids: Iterable[int]) -> set[str]:
-    """Filesystem paths of the unix sockets that these processes hold (bound or accepted on)."""
-    return held_files(pids, with_maps=False)[0]
-
-
 def _partition(procs: list[psutil.Process]) -> tuple[list[psutil.Process], list[psutil.Process]]:
     """Split descendants into plain ones and the topmost session leaders.
 
