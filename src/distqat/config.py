@@ -120,15 +120,21 @@ class ModelPipelineConfig(Section):
         return [stage.stage_name for stage in self.pipeline]
 
 
+def _refuse_unbuilt(feature: str):
+    """A validator for `enable` of a feature this version does not have: true is an error, not a no-op."""
+
+    def refuse(value: bool) -> bool:
+        if value:
+            raise ValueError(f"{feature} is not available in this version of DistQat yet")
+        return value
+
+    return field_validator("enable")(refuse)
+
+
 class QuantConfig(Section):
     enable: bool = Field(False, description="LSQ quantization-aware training")
 
-    @field_validator("enable")
-    @classmethod
-    def _not_built_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("quantization-aware training is not available in this version of DistQat yet")
-        return value
+    _not_built_yet = _refuse_unbuilt("quantization-aware training")
 
 
 class ParamMirrorConfig(Section):
@@ -136,12 +142,7 @@ class ParamMirrorConfig(Section):
     refresh_every: float = Field(30.0, gt=0, description="seconds between two mirror refreshes")
     checkpoint_dir: str | None = Field(None, description="checkpoint folder; None: checkpoints/<experiment_prefix>")
 
-    @field_validator("enable")
-    @classmethod
-    def _not_built_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("the param mirror is not available in this version of DistQat yet")
-        return value
+    _not_built_yet = _refuse_unbuilt("the param mirror")
 
 
 class DataServerConfig(Section):
