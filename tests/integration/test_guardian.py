@@ -227,16 +227,21 @@ def test_stopped_hivemind_role_shuts_down_cleanly(tmp_path: Path) -> None:
     assert "cleaned" not in rp.log_path.read_text()
 
 
-@pytest.mark.timeout(30)
-def test_stop_kills_role_that_ignores_sigterm_after_guardian_grace(tmp_path: Path) -> None:
-    ready = tmp_path / "ready"
-    code = f"""
+def sigterm_ignoring_role(ready: Path) -> str:
+    """A role that ignores SIGTERM, touches `ready`, and sleeps: only a kill stops it."""
+    return f"""
         import signal, time
         from pathlib import Path
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         Path({str(ready)!r}).touch()
         time.sleep(300)
     """
+
+
+@pytest.mark.timeout(30)
+def test_stop_kills_role_that_ignores_sigterm_after_guardian_grace(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    code = sigterm_ignoring_role(ready)
     rp = start_role(tmp_path, code, grace_s=1.0)
     role_pid = wait_ready(rp, ready)
     started = time.monotonic()
@@ -248,13 +253,7 @@ def test_stop_kills_role_that_ignores_sigterm_after_guardian_grace(tmp_path: Pat
 @pytest.mark.timeout(30)
 def test_stop_kills_process_group_when_guardian_does_not_finish(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
-    code = f"""
-        import signal, time
-        from pathlib import Path
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        Path({str(ready)!r}).touch()
-        time.sleep(300)
-    """
+    code = sigterm_ignoring_role(ready)
     rp = start_role(tmp_path, code, grace_s=60.0)
     role_pid = wait_ready(rp, ready)
     started = time.monotonic()
