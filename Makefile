@@ -4,7 +4,7 @@ STAMP := $(VENV)/.distqat-installed
 MAX_STEPS ?= 100
 ARGS ?=
 
-.PHONY: setup run test test-slow lint bench clean
+.PHONY: setup run test lint bench clean
 
 setup: $(STAMP)
 
@@ -18,9 +18,6 @@ run: setup
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest $(ARGS)
-
-test-slow: setup
-	$(VENV)/bin/python -m pytest -m slow $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
