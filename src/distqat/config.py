@@ -69,16 +69,25 @@ class OptimConfig(Section):
 
 
 class DilocoConfig(Section):
+    enable: bool = Field(True, description="average the replicas of each stage with DiLoCo (false: they train apart)")
     inner_optim: OptimConfig = Field(default_factory=OptimConfig, description="each replica's local optimiser")
     outer_optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(type="sgd", sgd_lr=0.7, sgd_momentum=0.9, sgd_nesterov=True),
-        description="optimiser applied to averaged pseudo-gradients (DiLoCo: not active in this version)",
+        description="optimiser applied to the averaged pseudo-gradient (params at round start - params now)",
     )
-    inner_steps: int = Field(500, ge=1, description="local steps between two averaging rounds (DiLoCo: not active yet)")
-    outer_steps: int = Field(100, ge=1, description="number of averaging rounds (DiLoCo: not active yet)")
+    inner_steps: int = Field(
+        500, ge=1, description="inner steps per replica between two averaging rounds (counted in samples of the stage)"
+    )
+    outer_steps: int = Field(100, ge=1, description="averaging rounds of a run; after the last, replicas train apart")
     batch_size_per_step: int = Field(32, ge=1, description="samples per training step (per trainer)")
     averaging_timeout: float = Field(
-        60.0, gt=0, description="seconds an averaging round may take (DiLoCo: not active yet)"
+        60.0, gt=0, description="seconds an averaging round may take, matchmaking included"
+    )
+    matchmaking_time: float = Field(
+        3.0, gt=0, description="seconds a replica waits for the other replicas of its stage to join a round"
+    )
+    compression: Literal["none", "fp16", "int8"] = Field(
+        "none", description="encoding of pseudo-gradients on the wire during averaging"
     )
 
 

@@ -3,11 +3,14 @@
 It picks its stage (the config's choice, else the stage with the fewest live replicas) and the smallest
 free replica index, serves forward/backward over the stage RPC, and heartbeats a `ServerInfo` record whose
 expiry makes a dead server vanish from every routing table within `network.heartbeat_expiry` seconds.
+With `diloco.enable`, a server that joins a stage with live replicas first downloads the state of the most
+advanced one, and the replicas of a stage average with DiLoCo (`stage_sync`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -22,6 +25,7 @@ from hivemind import DHT
 from distqat.config import Config
 from distqat.distributed.optim import build_optimizer
 from distqat.distributed.replica import StageReplica
+from distqat.distributed.stage_sync import StageSync
 from distqat.errors import ConfigError, SwarmError
 from distqat.models import build_stage
 from distqat.runtime import autocast, resolve_device
@@ -62,6 +66,15 @@ class StageServer:
         )
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
         self._window_start, self._window_samples = time.monotonic(), 0
+        self._syncing = False  # a DiLoCo round or state download holds the compute thread
+        self.sync = (
+            StageSync(config, dht, self.info, self.replica, on_compute=lambda fn: self._compute.submit(fn).result())
+            if config.diloco.enable
+            else None
+        )
+
+    def count_traffic(self, received: int, sent: int) -> None:
+        self.info.bytes_activations += received + sent
 
     # --- the stage RPC (StageService) ---
 
@@ -74,6 +87,8 @@ class StageServer:
         (grad_outputs,) = tensors
         grad_inputs = await self._run(self.replica.backward, caller, str(metadata["mb"]), grad_outputs)
         self._window_samples += len(grad_outputs)
+        if self.sync is not None:
+            self.sync.record_step(len(grad_outputs))
         return ([] if grad_inputs is None or not metadata.get("want_grad", True) else [grad_inputs]), {}
 
     async def _run(self, function, *args):
@@ -92,39 +107,55 @@ class StageServer:
                 rate if self.info.samples_per_s == 0 else 0.5 * self.info.samples_per_s + 0.5 * rate
             )
             self._window_start, self._window_samples = now, 0
-        if self.info.steps != self.replica.weights_version or self.info.weights_digest == 0.0:
+        changed = self.info.steps != self.replica.weights_version or self.info.weights_digest == 0.0
+        if changed and not self._syncing:
             # Read on the compute thread, so the digest and the step count describe the same weights.
-            self.info.weights_digest, self.info.steps, self.info.samples = await self._run(
-                lambda: (self.replica.weights_digest(), self.replica.weights_version, self.replica.samples)
-            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._run(self._describe_weights), self.config.network.heartbeat_period)
+        self.info.updated_at = time.time()
         return self.info
 
-    async def serve(self, stop: threading.Event, ready_file: Path | None = None) -> None:
-        network = self.config.network
-        p2p = await self.dht.replicate_p2p()
-        await register_stage_service(p2p, self)
-        logger.info("serving %s on %s as peer %s", self.info.uid, self.device, self.info.peer_id)
-        max_age = self.config.model_pipeline.forward_timeout + self.config.model_pipeline.backward_timeout
+    def _describe_weights(self) -> None:
+        self.info.weights_digest = self.replica.weights_digest()
+        self.info.steps, self.info.samples = self.replica.weights_version, self.replica.samples
+        if self.sync is not None:
+            self.sync.describe(self.info)
+
+    async def _stage_peers(self) -> list[records.ServerInfo]:
+        replicas = await asyncio.to_thread(
+            records.fetch_replicas,
+            self.dht,
+            self.config.experiment_prefix,
+            [self.info.stage],
+            self.config.network.dht_timeout,
+        )
+        return [info for info in replicas[self.info.stage] if info.uid != self.info.uid]
+
+    async def join_stage(self) -> None:
+        """Before serving: take the state of the stage's most advanced live replica, if there is one."""
+        if self.sync is None:
+            return
         try:
-            while not stop.is_set():
-                try:
-                    await asyncio.to_thread(
-                        records.announce_server,
-                        self.dht,
-                        self.config.experiment_prefix,
-                        await self._refresh_info(),
-                        network.heartbeat_expiry,
-                        network.dht_timeout,
-                    )
-                except SwarmError as error:
-                    logger.warning("heartbeat failed: %s", error)
-                else:
-                    if ready_file is not None and not ready_file.exists():
-                        ready_file.write_text(self.info.uid)
-                dropped = await self._run(self.replica.drop_expired, max_age)
-                if dropped:
-                    logger.warning("dropped %d micro-batches whose backward never came", dropped)
-                await asyncio.to_thread(stop.wait, network.heartbeat_period)
+            peers = await self._stage_peers()
+        except SwarmError as error:
+            logger.warning("could not look for replicas of '%s' to load state from: %s", self.info.stage, error)
+            return
+        if not peers:
+            logger.info("first replica of '%s': starting from fresh weights", self.info.stage)
+            return
+        if not await self._run(self.sync.catch_up):
+            logger.warning("no replica of '%s' gave its state: starting from fresh weights", self.info.stage)
+
+    async def serve(self, stop: threading.Event, ready_file: Path | None = None) -> None:
+        p2p = await self.dht.replicate_p2p()
+        await self.join_stage()
+        await register_stage_service(p2p, self, count_traffic=self.count_traffic)
+        logger.info("serving %s on %s as peer %s", self.info.uid, self.device, self.info.peer_id)
+        loops = [self._heartbeat_loop(stop, ready_file)]
+        if self.sync is not None:
+            loops.append(self._sync_loop(stop))
+        try:
+            await asyncio.gather(*loops)
         finally:
             logger.info(
                 "stopping %s after %d steps, %d samples",
@@ -133,7 +164,57 @@ class StageServer:
                 self.replica.samples,
             )
             self._compute.shutdown(wait=True, cancel_futures=True)
+            if self.sync is not None:
+                self.sync.shutdown()
             await p2p.shutdown()
+
+    async def _heartbeat_loop(self, stop: threading.Event, ready_file: Path | None) -> None:
+        # Never waits long for the compute thread: an averaging round there must not stop the heartbeat,
+        # or the replica would vanish from the DHT in the middle of its round.
+        network = self.config.network
+        max_age = self.config.model_pipeline.forward_timeout + self.config.model_pipeline.backward_timeout
+        while not stop.is_set():
+            if await self._announce() and ready_file is not None and not ready_file.exists():
+                ready_file.write_text(self.info.uid)
+            if not self._syncing:
+                dropped = await self._run(self.replica.drop_expired, max_age)
+                if dropped:
+                    logger.warning("dropped %d micro-batches whose backward never came", dropped)
+            await asyncio.to_thread(stop.wait, network.heartbeat_period)
+
+    async def _announce(self) -> bool:
+        network = self.config.network
+        try:
+            info = await self._refresh_info()
+            await asyncio.to_thread(
+                records.announce_server,
+                self.dht,
+                self.config.experiment_prefix,
+                info,
+                network.heartbeat_expiry,
+                network.dht_timeout,
+            )
+        except SwarmError as error:
+            logger.warning("heartbeat failed: %s", error)
+            return False
+        return True
+
+    async def _sync_loop(self, stop: threading.Event) -> None:
+        assert self.sync is not None
+        while not stop.is_set():
+            await asyncio.to_thread(stop.wait, self.config.network.heartbeat_period)
+            if stop.is_set():
+                break
+            try:
+                peers = await self._stage_peers()
+            except SwarmError as error:
+                logger.warning("could not read the replicas of '%s': %s", self.info.stage, error)
+                continue
+            self._syncing = True
+            try:
+                await self.sync.tick(peers, self._run, self._announce)
+            finally:
+                self._syncing = False
 
 
 def choose_slot(config: Config, dht: DHT, stage: str | None, expert_index: int | None) -> tuple[str, int]:
@@ -144,12 +225,8 @@ def choose_slot(config: Config, dht: DHT, stage: str | None, expert_index: int |
     replicas = records.fetch_replicas(dht, config.experiment_prefix, stage_names, config.network.dht_timeout)
     stage = stage or stage_with_fewest_replicas(replicas, stage_names)
     taken = {info.expert_index for info in replicas[stage]}
-    if taken:
-        logger.warning(
-            "stage '%s' has %d other replicas; they train independently in this version (no DiLoCo averaging yet)",
-            stage,
-            len(taken),
-        )
+    if taken and not config.diloco.enable:
+        logger.warning("stage '%s' has %d other replicas; with diloco.enable false they train apart", stage, len(taken))
     if expert_index is None:
         try:
             expert_index = free_expert_index(taken, config.max_expert_index)

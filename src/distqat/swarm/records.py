@@ -6,11 +6,14 @@ never crashes an older one; a record that does not validate is skipped, not fata
 Keys (one DHT key per kind, one subkey per peer):
   `{prefix}:stage:{stage}`   subkey = server uid   -> ServerInfo     (heartbeat, expires after heartbeat_expiry)
   `{prefix}:trainers`        subkey = trainer id   -> TrainerMetrics (expires after TRAINER_RECORD_TTL)
+  `{prefix}:diloco:{stage}`  subkey = peer id      -> RoundOutcome   (expires after ROUND_OUTCOME_TTL)
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Iterable
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any, Literal, TypeVar
@@ -25,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
 TRAINER_RECORD_TTL = 60.0  # seconds: the monitor still sees a trainer that finished a while ago
+ROUND_OUTCOME_TTL = 300.0  # seconds: outlives any averaging round
 
 
 class Record(BaseModel):
@@ -48,6 +52,14 @@ class ServerInfo(Record):
     samples_per_s: float = 0.0  # recent training throughput
     weights_digest: float = 0.0  # sum of all parameters: tells at a glance whether (and how) weights moved
     started_at: float = 0.0  # unix time
+    updated_at: float = 0.0  # unix time of this heartbeat
+    diloco_round: int = 0  # DiLoCo rounds applied
+    round_samples: int = 0  # samples trained since its last averaging attempt: the stage's progress to the next
+    averaging: bool = False  # in an averaging round now: the other replicas of the stage join at once
+    outer_digest: str = ""  # hash of θ₀: equal on replicas that applied the same rounds
+    rounds_failed: int = 0  # averaging attempts that were not applied
+    bytes_activations: int = 0  # stage traffic (forward inputs/outputs, gradients), both directions
+    bytes_averaging: int = 0  # all-reduce traffic, both directions
 
 
 class TrainerMetrics(Record):
@@ -71,12 +83,32 @@ class TrainerMetrics(Record):
     last_error: str | None = None
 
 
+class RoundOutcome(Record):
+    """What a replica reports after an averaging attempt; its group applies the round only if all agree."""
+
+    peer_id: str
+    uid: str
+    round: int
+    group: str  # group_id() of the members; "" when the attempt failed before the group was known
+    ok: bool
+    digest: str  # tensors_digest of the averaged result
+    updated_at: float = 0.0
+
+
+def group_id(peer_ids: Iterable[str]) -> str:
+    return hashlib.blake2b("|".join(sorted(peer_ids)).encode(), digest_size=8).hexdigest()
+
+
 def stage_key(prefix: str, stage: str) -> str:
     return f"{prefix}:stage:{stage}"
 
 
 def trainers_key(prefix: str) -> str:
     return f"{prefix}:trainers"
+
+
+def round_outcome_key(prefix: str, stage: str) -> str:
+    return f"{prefix}:diloco:{stage}"
 
 
 R = TypeVar("R", bound=Record)
@@ -130,3 +162,15 @@ def publish_trainer_metrics(dht: DHT, prefix: str, metrics: TrainerMetrics, time
 
 def fetch_trainer_metrics(dht: DHT, prefix: str, timeout: float) -> list[TrainerMetrics]:
     return sorted(_get_subkeys(dht, trainers_key(prefix), TrainerMetrics, timeout), key=lambda m: m.trainer_id)
+
+
+def publish_round_outcome(dht: DHT, prefix: str, stage: str, outcome: RoundOutcome, timeout: float) -> None:
+    outcome.updated_at = time.time()
+    key = round_outcome_key(prefix, stage)
+    _store(dht, key, outcome.peer_id, outcome.model_dump(), ROUND_OUTCOME_TTL, timeout)
+
+
+def fetch_round_outcomes(dht: DHT, prefix: str, stage: str, timeout: float) -> dict[str, RoundOutcome]:
+    """The latest outcome each replica of `stage` reported, by peer id."""
+    outcomes = _get_subkeys(dht, round_outcome_key(prefix, stage), RoundOutcome, timeout)
+    return {outcome.peer_id: outcome for outcome in outcomes}

@@ -8,7 +8,7 @@ between forward and backward, and every call is bounded by a timeout and fails w
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -38,17 +38,24 @@ class StageService(Protocol):
     ) -> tuple[list[torch.Tensor], dict[str, Any]]: ...
 
 
-async def register_stage_service(p2p: P2P, service: StageService) -> None:
-    """Expose `service` on this peer. Exceptions it raises reach the caller as a StageCallError."""
+async def register_stage_service(
+    p2p: P2P, service: StageService, count_traffic: Callable[[int, int], None] | None = None
+) -> None:
+    """Expose `service` on this peer. Exceptions it raises reach the caller as a StageCallError.
+
+    `count_traffic(received, sent)` is told the payload bytes of every answered call.
+    """
     for method, name in HANDLER_NAMES.items():
         implementation = getattr(service, method)
 
         async def handle(
             requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext, implementation=implementation
         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-            tensors, metadata, _ = await wire.decode(requests)
+            tensors, metadata, received = await wire.decode(requests)
             outputs, out_metadata = await implementation(tensors, metadata, context.remote_id.to_base58())
-            messages, _ = wire.encode(runtime_pb2.ExpertResponse, outputs, out_metadata)
+            messages, sent = wire.encode(runtime_pb2.ExpertResponse, outputs, out_metadata)
+            if count_traffic is not None:
+                count_traffic(received, sent)
             for message in messages:
                 yield message
             # Do not close our end first: p2pd (stream.go doStreamPipe) may then reset the libp2p stream and the

@@ -1,0 +1,196 @@
+"""DiLoCo on a stage server: when to average, the round itself, and the state a joining replica downloads.
+
+The server calls this from its heartbeat loop with the live replicas of its stage (their `ServerInfo`):
+a round starts when the stage's progress says so (`optim.collaborative`), a replica that sees a peer
+past its round downloads the state of the most advanced replica, and so does a new replica before it
+serves. Rounds and state access run on the server's compute thread, so no inner step overlaps them.
+
+The state a replica shares is its module (params and buffers), inner optimiser, θ₀, outer optimiser and
+round counter, serialised with `torch.save` into one byte tensor: exact, and one stream to download.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch
+from hivemind import DHT
+
+from distqat.config import Config
+from distqat.distributed.optim.collaborative import PeerProgress, ahead_of, round_due
+from distqat.distributed.optim.diloco import AveragingResult, DiLoCo, PresetAverager, RoundReport, RoundStatus
+from distqat.distributed.replica import StageReplica
+from distqat.swarm.averaging import StageAverager
+from distqat.swarm.records import ServerInfo
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class StageSync:
+    def __init__(
+        self,
+        config: Config,
+        dht: DHT,
+        info: ServerInfo,
+        replica: StageReplica,
+        on_compute: Callable[[Callable[[], Any]], Any],
+    ):
+        self.config, self.info, self.replica = config, info, replica
+        self._on_compute = on_compute  # runs a function on the server's compute thread and returns its result
+        settings = config.diloco
+        self.samples_per_replica = settings.inner_steps * settings.batch_size_per_step
+        self.diloco = DiLoCo(list(replica.module.parameters()), settings.outer_optim)
+        self.rounds_failed = 0
+        self.last_attempt_at = time.time()
+        self._partners = 0  # live replicas of the stage besides this one, at the last look
+        self._schedule_done_logged = False
+        self.averager = StageAverager(
+            dht,
+            experiment_prefix=config.experiment_prefix,
+            stage=info.stage,
+            uid=info.uid,
+            templates=self.diloco.params,
+            compression=settings.compression,
+            matchmaking_time=settings.matchmaking_time,
+            # hivemind's matchmaking can deadlock when a request may outlast the matchmaking window.
+            request_timeout=min(config.network.dht_timeout, settings.matchmaking_time / 2),
+            dht_timeout=config.network.dht_timeout,
+            outer_digest=self.diloco.outer_digest,
+            state_provider=self._state_for_peer,
+            alone_allowed=lambda: self._partners == 0,
+        )
+
+    # --- progress ---
+
+    def record_step(self, samples: int) -> None:
+        self.diloco.record_inner_step(samples)
+
+    def describe(self, info: ServerInfo) -> None:
+        """Fill the DiLoCo fields of this server's heartbeat (call on the compute thread)."""
+        info.diloco_round = self.diloco.round
+        info.round_samples = self.diloco.samples_since_attempt
+        info.outer_digest = self.diloco.outer_digest()
+        info.rounds_failed = self.rounds_failed
+        info.bytes_averaging = self.averager.bytes_sent + self.averager.bytes_received
+        # Joiners download from the most advanced replica: rounds first, then samples trained.
+        self.averager.set_priority(self.diloco.round * 1e12 + self.replica.samples)
+
+    async def tick(
+        self, peers: list[ServerInfo], run: Callable[..., Any], announce: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Called every heartbeat with the other live replicas of the stage; `run` awaits the compute thread,
+        `announce` sends a heartbeat now."""
+        self._partners = len(peers)
+        progress = [PeerProgress(p.diloco_round, p.round_samples, p.updated_at, p.averaging) for p in peers]
+        behind = ahead_of(self.diloco.round, progress)
+        if behind is not None:
+            logger.warning(
+                "a replica of '%s' is at round %d, this one at %d: catching up",
+                self.info.stage,
+                behind,
+                self.diloco.round,
+            )
+            await run(self.catch_up)
+            return
+        if self.diloco.round >= self.config.diloco.outer_steps:
+            if not self._schedule_done_logged:
+                logger.info("DiLoCo schedule complete (%d rounds): no more averaging", self.diloco.round)
+                self._schedule_done_logged = True
+            return
+        samples = self.diloco.samples_since_attempt
+        if round_due(self.diloco.round, samples, progress, self.last_attempt_at, self.samples_per_replica):
+            if peers:
+                self.info.averaging = True
+                await announce()  # the other replicas join as soon as they see it, not at their own count
+            try:
+                report = await run(self.run_round)
+            finally:
+                self.info.averaging = False
+            self._log(report)
+
+    def run_round(self) -> RoundReport:
+        started = time.monotonic()
+        # Alone in the stage, there is nobody to meet: apply our own pseudo-gradient without matchmaking.
+        averager = self.averager if self._partners else PresetAverager(AveragingResult(RoundStatus.ALONE))
+        report = self.diloco.run_round(averager, self.config.diloco.averaging_timeout)
+        self.last_attempt_at = time.time()
+        if report.status is RoundStatus.FAILED:
+            self.rounds_failed += 1
+        else:
+            self.replica.weights_version += 1  # params changed: graphs kept for pending backwards are stale
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _log(self, report: RoundReport) -> None:
+        if report.status is RoundStatus.FAILED:
+            logger.warning(
+                "round %d not applied (%.1f s), training on: %s", report.round_id, report.seconds, report.detail
+            )
+        else:
+            logger.info(
+                "round %d applied in %.1f s (%s, group of %d, weight %d samples)",
+                report.round_id,
+                report.seconds,
+                report.status.value,
+                report.group_size,
+                report.weight,
+            )
+
+    # --- state ---
+
+    def _state_for_peer(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Called by the averager when a peer downloads our state (on hivemind's thread)."""
+        return self._on_compute(self._snapshot)
+
+    def _snapshot(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        state = {
+            "module": self.replica.module.state_dict(),
+            "inner_optimizer": self.replica.optimizer.state_dict(),
+            "diloco": self.diloco.state_dict(),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        blob = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        metadata = {"format": STATE_FORMAT, "stage": self.info.stage, "uid": self.info.uid, "round": self.diloco.round}
+        return metadata, [blob]
+
+    def catch_up(self) -> bool:
+        """Replace this replica's state by the most advanced live replica's; False if none could give it."""
+        started = time.monotonic()
+        downloaded = self.averager.load_state(timeout=self.config.network.dht_timeout)
+        if downloaded is None:
+            return False
+        metadata, tensors = downloaded
+        if not isinstance(metadata, dict) or metadata.get("format") != STATE_FORMAT or len(tensors) != 1:
+            logger.warning("ignoring a state in an unknown format from a peer: %r", metadata)
+            return False
+        if metadata.get("stage") != self.info.stage:
+            logger.warning("ignoring the state of stage '%s' (this is '%s')", metadata.get("stage"), self.info.stage)
+            return False
+        state = torch.load(io.BytesIO(tensors[0].numpy().tobytes()), weights_only=True)
+        try:
+            self.replica.module.load_state_dict(state["module"])
+            self.replica.optimizer.load_state_dict(state["inner_optimizer"])
+            self.diloco.load_state_dict(state["diloco"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            logger.warning("could not load the state of %s: %s", metadata.get("uid"), error)
+            return False
+        self.replica.weights_version += 1
+        self.last_attempt_at = time.time()
+        logger.info(
+            "loaded the state of %s (round %d, %.1f MiB) in %.2f s",
+            metadata.get("uid"),
+            self.diloco.round,
+            tensors[0].numel() / 2**20,
+            time.monotonic() - started,
+        )
+        return True
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
