@@ -1,9 +1,9 @@
 """One replica of a stage for the averaging tests: a real DHT node, a real StageAverager, one DiLoCo round.
 
 Every peer starts from the same θ₀ (seeded), moves its params by its own seeded offset (standing in for
-its inner steps), waits for the test's `go` file, runs one round and writes what it ended with to `--out`
-(a torch file: status, group size, params, θ₀ digest, bytes). `--initial-peers ''` bootstraps the DHT
-and writes its address to `--maddrs-file`.
+its inner steps), touches `<out>.ready`, waits for the test's `go` file, runs one round and writes what it
+ended with to `--out` (a torch file: status, group size, params, θ₀ digest, bytes). Without
+`--initial-peers` it bootstraps the DHT and writes its address to `--maddrs-file`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--weight", type=int, required=True)
     parser.add_argument("--numel", type=int, default=1000)
+    parser.add_argument("--stage", default="body")
     parser.add_argument("--compression", default="none")
     parser.add_argument("--go", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -57,7 +58,7 @@ def main() -> int:
         averager = StageAverager(
             dht,
             experiment_prefix="test",
-            stage="body",
+            stage=args.stage,
             uid=args.uid,
             templates=params,
             compression=args.compression,
@@ -65,8 +66,10 @@ def main() -> int:
             request_timeout=args.matchmaking_time / 2,
             dht_timeout=5.0,
             outer_digest=diloco.outer_digest,
+            allreduce_timeout=args.timeout,
             state_provider=lambda: ({}, []),
         )
+        args.out.with_suffix(".ready").touch()
         while not args.go.exists():
             time.sleep(0.05)
         started = time.monotonic()

@@ -62,6 +62,7 @@ class StageSync:
             request_timeout=min(config.network.dht_timeout, settings.matchmaking_time / 2),
             dht_timeout=config.network.dht_timeout,
             outer_digest=self.diloco.outer_digest,
+            allreduce_timeout=settings.averaging_timeout,
             state_provider=self._state_for_peer,
             alone_allowed=lambda: self._partners == 0,
         )

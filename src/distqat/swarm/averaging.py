@@ -13,6 +13,8 @@ group key of one stage, so exactly the replicas of that stage meet. Three things
   a round is applied only if every member of the group reports the same digest.
 - **Accounting.** Bytes of tensor parts really sent and received are counted in shared memory.
 
+Pseudo-gradients travel as `none`, `fp16` or `int8` (`swarm.codecs`).
+
 Donors for joining replicas are chosen by `state_sharing_priority`, which the server sets from real
 progress (rounds applied, then samples), so a fresh peer is never picked over a trained one.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -30,40 +33,21 @@ import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
-from hivemind.compression import serialization as hivemind_serialization
 from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 
 from distqat.distributed.optim.diloco import AveragingResult, RoundStatus, tensors_digest
 from distqat.errors import SwarmError
 from distqat.swarm import records
+from distqat.swarm.codecs import CODECS
 
 logger = logging.getLogger(__name__)
 
 VERIFY_POLL_S = 0.2
-
-
-class _Uniform8Bit(Uniform8BitQuantization):
-    """hivemind's uniform 8-bit codec with its decoder fixed for numpy >= 2.4 (which refuses `int()` of a
-    one-element array: the stock decoder raises, and averaging then silently keeps local values)."""
-
-    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
-        import numpy as np
-
-        codebook_size = int(np.frombuffer(serialized_tensor.buffer, count=1, dtype=np.int64)[0])
-        codebook = np.frombuffer(serialized_tensor.buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
-        indices = np.frombuffer(serialized_tensor.buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
-        indices = torch.as_tensor(indices, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
-        values = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
-        return values[indices].requires_grad_(serialized_tensor.requires_grad)
-
-
-# Decoding looks codecs up by their protobuf type: install the fixed one for every caller in this process.
-hivemind_serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = _Uniform8Bit()
-
-CODECS: dict[str, CompressionBase] = {"none": NoCompression(), "fp16": Float16Compression(), "int8": _Uniform8Bit()}
+# Fault injection: when set, the averager touches this file as its all-reduce starts, so a test or a demo
+# can kill or freeze a replica in the middle of a round rather than hope to hit it.
+ALLREDUCE_STARTED_FILE_ENV = "DISTQAT_ALLREDUCE_STARTED_FILE"
 
 
 def _roundtrip(tensor: torch.Tensor, compression_type: int) -> torch.Tensor:
@@ -176,12 +160,20 @@ class _VerifyingAverager(DecentralizedAverager):
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("stage averagers are never auxiliary")
+        if os.environ.get(ALLREDUCE_STARTED_FILE_ENV):
+            with open(os.environ[ALLREDUCE_STARTED_FILE_ENV], "w") as marker:
+                marker.write(str(os.getpid()))
         averages = [average async for average in runner]
         problem = runner.partial()
         if problem:
             raise AllreduceException(f"partial round: {problem}")
         for tensor, average in zip(tensors, averages, strict=True):
             tensor.copy_(average)  # only a complete round touches the buffers
+
+    async def _shutdown(self, timeout: float | None) -> None:
+        await super()._shutdown(timeout)
+        # hivemind leaves the averager's own P2P client open, and its socket file behind in /tmp.
+        await self._p2p.shutdown()
 
     def get_current_state(self):
         metadata, tensors = self.state_provider()
@@ -209,6 +201,7 @@ class StageAverager:
         request_timeout: float,
         dht_timeout: float,
         outer_digest: Callable[[], str],
+        allreduce_timeout: float,
         state_provider: Callable[[], tuple[Any, list[torch.Tensor]]],
         alone_allowed: Callable[[], bool] = lambda: True,
     ):
@@ -227,6 +220,7 @@ class StageAverager:
             min_matchmaking_time=matchmaking_time,
             request_timeout=request_timeout,
             compression=CODECS[compression],
+            allreduce_timeout=allreduce_timeout,
             next_chunk_timeout=max(request_timeout, 5.0),
             allow_state_sharing=True,
             declare_state_period=5.0,
@@ -252,11 +246,16 @@ class StageAverager:
             for buffer, tensor in zip(buffers, tensors, strict=True):
                 buffer.copy_(tensor)
         gather = {"uid": self.uid, "round": round_id, "outer": outer}
+        control = None
         try:
-            gathered = self._averager.step(
-                gather=gather, weight=max(weight, 1e-9), timeout=timeout, allow_retries=False
+            # Bounded twice: hivemind's `timeout` covers only matchmaking, its allreduce_timeout the rest.
+            control = self._averager.step(
+                gather=gather, weight=max(weight, 1e-9), timeout=timeout, allow_retries=False, wait=False
             )
+            gathered = control.result(timeout=2 * timeout + 5.0)
         except Exception as error:  # hivemind raises its own exception types, and TimeoutError
+            if control is not None and not control.done():
+                control.cancel()
             if "could not find a group" in str(error):
                 if self._alone_allowed():
                     return AveragingResult(RoundStatus.ALONE, detail="no other replica of the stage is live")
