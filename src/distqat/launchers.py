@@ -162,9 +162,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     if "bytes_sent" in summary:
         per_step = (summary["bytes_sent"] + summary["bytes_received"]) / steps / 2**20
         table.add_row("trainer traffic (MiB/step)", f"{per_step:.2f}")
+    for key, label in (("bytes_activations", "stage traffic (MiB)"), ("bytes_averaging", "averaging traffic (MiB)")):
+        if key in summary:
+            table.add_row(label, f"{summary[key] / 2**20:.2f}")
     for uid, seen in summary.get("servers_seen", {}).items():
         moved = "weights moved" if seen["first_weights_digest"] != seen["last_weights_digest"] else "weights unchanged"
-        table.add_row(uid, f"{seen['steps']} steps, {moved}")
+        rounds = f", {seen['diloco_round']} DiLoCo rounds" if seen.get("diloco_round") else ""
+        table.add_row(uid, f"{seen['steps']} steps, {moved}{rounds}")
     console.print(table)
 
 

@@ -71,8 +71,28 @@ class SwarmView:
                 samples=info.samples,
                 last_weights_digest=info.weights_digest,
                 last_seen=time.time(),
+                stage=info.stage,
+                diloco_round=info.diloco_round,
+                rounds_failed=info.rounds_failed,
+                outer_digest=info.outer_digest,
+                bytes_activations=info.bytes_activations,
+                bytes_averaging=info.bytes_averaging,
             )
         self.pipelines = count_complete_pipelines(replicas, stage_names)
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes moved by the servers seen, live or gone, split into stage traffic and averaging."""
+        return {
+            "bytes_activations": sum(seen.get("bytes_activations", 0) for seen in self.servers.values()),
+            "bytes_averaging": sum(seen.get("bytes_averaging", 0) for seen in self.servers.values()),
+        }
+
+    def diloco_rounds(self) -> dict[str, int]:
+        """The most DiLoCo rounds any replica seen of each stage has applied."""
+        rounds: dict[str, int] = {}
+        for seen in self.servers.values():
+            rounds[seen["stage"]] = max(rounds.get(seen["stage"], 0), seen["diloco_round"])
+        return rounds
 
     @property
     def steps(self) -> int:
@@ -105,6 +125,8 @@ class SwarmView:
             },
             "bytes_sent": sum(m.bytes_sent for m in self.latest.values()),
             "bytes_received": sum(m.bytes_received for m in self.latest.values()),
+            **self.traffic(),
+            "diloco_rounds": self.diloco_rounds(),
         }
 
     def summary(self, started_at: float, now: float) -> dict[str, Any]:
@@ -128,6 +150,8 @@ class SwarmView:
             "failed_steps": sum(m.failures for m in trainers),
             "bytes_sent": sum(m.bytes_sent for m in trainers),
             "bytes_received": sum(m.bytes_received for m in trainers),
+            **self.traffic(),
+            "diloco_rounds": self.diloco_rounds(),
             "servers_seen": self.servers,
         }
 

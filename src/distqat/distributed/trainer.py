@@ -81,6 +81,7 @@ class Progress:
             updated_at=time.time(),
             bytes_sent=traffic.bytes_sent,
             bytes_received=traffic.bytes_received,
+            bytes_activations=traffic.bytes_sent + traffic.bytes_received,
             failures=self.failures,
             finished=finished,
             last_error=self.last_error,

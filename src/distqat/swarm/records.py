@@ -78,6 +78,7 @@ class TrainerMetrics(Record):
     updated_at: float  # unix time of this record
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_activations: int = 0  # stage traffic, both directions (a trainer does no averaging)
     failures: int = 0
     finished: bool = False
     last_error: str | None = None

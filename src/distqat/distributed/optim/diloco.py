@@ -13,6 +13,7 @@ were, so the replicas keep the same θ₀ and the next round's pseudo-gradient c
 
 from __future__ import annotations
 
+import copy
 import enum
 import hashlib
 from collections.abc import Sequence
@@ -122,7 +123,8 @@ class DiLoCo:
         return {
             "round": self.round,
             "outer_params": [tensor.clone() for tensor in self.outer_params],
-            "outer_optimizer": self.outer_optimizer.state_dict(),
+            # A copy: torch's state_dict holds the live momentum buffers.
+            "outer_optimizer": copy.deepcopy(self.outer_optimizer.state_dict()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
