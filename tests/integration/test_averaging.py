@@ -1,9 +1,9 @@
 """DiLoCo rounds through the real hivemind all-reduce, between real processes on 127.0.0.1.
 
-Each peer is `diloco_peer.py`: the same θ₀, its own seeded offset standing in for its inner steps, one
-round. The golden test checks the result against the reference DiLoCo update computed here; the fault
-test kills one replica and freezes another in the middle of the all-reduce and checks that no survivor
-applied a partial round.
+Each peer is `distqat.diagnostics.averaging_peer`: the same θ₀, its own seeded offset standing in for
+its inner steps, one round. The golden test checks the result against the reference DiLoCo update
+computed here; the fault test kills one replica and freezes another in the middle of the all-reduce and
+checks that no survivor applied a partial round.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from distqat.swarm.averaging import ALLREDUCE_STARTED_FILE_ENV
 
-PEER = Path(__file__).with_name("diloco_peer.py")
+PEER_MODULE = "distqat.diagnostics.averaging_peer"
 START_TIMEOUT_S = 90.0
 
 
@@ -50,7 +50,7 @@ def reference_round(numel: int, seeds: list[int], weights: list[int]) -> list[to
 
 
 class Peers:
-    """Starts diloco_peer.py processes; the first bootstraps the DHT."""
+    """Starts averaging_peer processes; the first bootstraps the DHT."""
 
     def __init__(self, tmp_path: Path, numel: int, compression: str, timeout: float = 30.0):
         self.tmp, self.numel, self.compression, self.timeout = tmp_path, numel, compression, timeout
@@ -63,7 +63,7 @@ class Peers:
         env = dict(os.environ)
         if mark:
             env[ALLREDUCE_STARTED_FILE_ENV] = str(self.tmp / f"{name}.started")
-        command = [sys.executable, str(PEER), "--uid", f"body.0.{len(self.procs)}.0", "--seed", str(seed)]
+        command = [sys.executable, "-m", PEER_MODULE, "--uid", f"body.0.{len(self.procs)}.0", "--seed", str(seed)]
         command += ["--weight", str(weight), "--numel", str(self.numel), "--compression", self.compression]
         command += ["--go", str(self.go), "--out", str(self.tmp / f"{name}.pt"), "--timeout", str(self.timeout)]
         command += ["--initial-peers", self.initial_peers]

@@ -11,6 +11,7 @@ round counter, serialised with `torch.save` into one byte tensor: exact, and one
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import time
@@ -150,16 +151,7 @@ class StageSync:
         return self._on_compute(self._snapshot)
 
     def _snapshot(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        state = {
-            "module": self.replica.module.state_dict(),
-            "inner_optimizer": self.replica.optimizer.state_dict(),
-            "diloco": self.diloco.state_dict(),
-        }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        blob = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-        metadata = {"format": STATE_FORMAT, "stage": self.info.stage, "uid": self.info.uid, "round": self.diloco.round}
-        return metadata, [blob]
+        return pack_state(self.replica.module, self.replica.optimizer, self.diloco, self.info.stage, self.info.uid)
 
     def catch_up(self) -> bool:
         """Replace this replica's state by the most advanced live replica's; False if none could give it."""
@@ -168,19 +160,11 @@ class StageSync:
         if downloaded is None:
             return False
         metadata, tensors = downloaded
-        if not isinstance(metadata, dict) or metadata.get("format") != STATE_FORMAT or len(tensors) != 1:
-            logger.warning("ignoring a state in an unknown format from a peer: %r", metadata)
-            return False
-        if metadata.get("stage") != self.info.stage:
-            logger.warning("ignoring the state of stage '%s' (this is '%s')", metadata.get("stage"), self.info.stage)
-            return False
-        state = torch.load(io.BytesIO(tensors[0].numpy().tobytes()), weights_only=True)
-        try:
-            self.replica.module.load_state_dict(state["module"])
-            self.replica.optimizer.load_state_dict(state["inner_optimizer"])
-            self.diloco.load_state_dict(state["diloco"])
-        except (KeyError, RuntimeError, ValueError) as error:
-            logger.warning("could not load the state of %s: %s", metadata.get("uid"), error)
+        problem = unpack_state(
+            metadata, tensors, self.replica.module, self.replica.optimizer, self.diloco, self.info.stage
+        )
+        if problem:
+            logger.warning("could not load a replica's state: %s", problem)
             return False
         self.replica.weights_version += 1
         self.last_attempt_at = time.time()
@@ -195,3 +179,45 @@ class StageSync:
 
     def shutdown(self) -> None:
         self.averager.shutdown()
+
+
+def pack_state(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, diloco: DiLoCo, stage: str, uid: str
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """A replica's whole state as (metadata, [one byte tensor]), the form hivemind's state download carries."""
+    state = {"module": module.state_dict(), "inner_optimizer": optimizer.state_dict(), "diloco": diloco.state_dict()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    blob = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    return {"format": STATE_FORMAT, "stage": stage, "uid": uid, "round": diloco.round}, [blob]
+
+
+def unpack_state(
+    metadata: Any,
+    tensors: list[torch.Tensor],
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    diloco: DiLoCo,
+    stage: str,
+) -> str | None:
+    """Load a packed state into this replica; None on success, else why it was refused (nothing is changed)."""
+    if not isinstance(metadata, dict) or metadata.get("format") != STATE_FORMAT or len(tensors) != 1:
+        return f"unknown state format {metadata!r}"
+    if metadata.get("stage") != stage:
+        return f"{metadata.get('uid')} sent the state of stage '{metadata.get('stage')}', this is '{stage}'"
+    try:
+        state = torch.load(io.BytesIO(tensors[0].numpy().tobytes()), weights_only=True)
+    except (RuntimeError, ValueError, EOFError) as error:
+        return f"{metadata.get('uid')} sent an unreadable state: {error}"
+    # Load all three or none: a half-loaded replica would be worse than a fresh one.
+    backup = (copy.deepcopy(module.state_dict()), copy.deepcopy(optimizer.state_dict()), diloco.state_dict())
+    try:
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["inner_optimizer"])
+        diloco.load_state_dict(state["diloco"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        module.load_state_dict(backup[0])
+        optimizer.load_state_dict(backup[1])
+        diloco.load_state_dict(backup[2])
+        return f"{metadata.get('uid')} sent a state that does not fit this replica: {error}"
+    return None

@@ -1,0 +1,1 @@
+"""Tools to measure and check a swarm piece by piece, outside a full run."""
