@@ -245,7 +245,8 @@ def main() -> None:
         "state_bytes": state_bytes,
     }
 
-    table = Table(title=f"DiLoCo vs synchronous averaging ({args.replicas} replicas, {samples} samples each)")
+    title = f"DiLoCo vs synchronous averaging ({args.replicas} replicas, {samples} samples in all, each method)"
+    table = Table(title=title)
     for column in ("", "synchronous", "DiLoCo fp32", "DiLoCo int8", "ratio"):
         table.add_column(column, justify="right")
     table.add_row("rounds", str(steps), str(diloco_rounds), str(diloco_rounds), f"inner_steps {args.inner_steps}")
@@ -258,8 +259,9 @@ def main() -> None:
         f"{results['bytes_ratio']:.0f}x / {results['bytes_ratio_int8']:.0f}x",
     )
     table.add_row("training time (s)", f"{sync_s:.1f}", f"{diloco_s:.1f}", "-", "")
-    Console().print(table)
-    Console().print(f"joiner downloaded a resnet18.head state ({state_bytes / 2**20:.1f} MiB) in {download_s:.2f} s")
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"joiner downloaded a resnet18.head state ({state_bytes / 2**20:.1f} MiB) in {download_s:.2f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
