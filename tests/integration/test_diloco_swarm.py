@@ -1,5 +1,8 @@
 """DiLoCo in a real local swarm: replicas of a stage average, a joiner downloads the stage's state, and a
-replica killed in the middle of an all-reduce does not stop the others from finishing the run."""
+replica killed as soon as it enters an all-reduce does not stop the others from finishing the run.
+
+(The tiny model's all-reduce lasts milliseconds, so the kill may land just after it: `test_averaging`
+kills and freezes replicas inside a long all-reduce; this test is about the swarm living on.)"""
 
 from __future__ import annotations
 
@@ -54,5 +57,5 @@ def test_a_replica_killed_mid_round_leaves_the_swarm_training(tmp_path: Path, mo
     assert summary["bytes_averaging"] > 0 and summary["bytes_activations"] > 0
     assert summary["diloco_rounds"]["head"] >= 1 and summary["diloco_rounds"]["tail"] >= 1
     server_logs = "\n".join(path.read_text() for path in sorted(log_dir.glob("server_*.log")))
-    assert "loaded the state of head.0.0.0" in server_logs  # the second head replica joined with state
+    assert "loaded the state of head.0." in server_logs  # the second head replica joined with the first's state
     assert "round 0 applied" in server_logs

@@ -1,4 +1,5 @@
-"""Optimisers of the roles: the inner optimiser of a stage replica (DiLoCo's outer loop builds on it)."""
+"""Optimisers of the roles: the inner optimiser of a stage replica (`factory`), DiLoCo's outer loop
+(`diloco`), and when a stage's replicas average (`collaborative`)."""
 
 from distqat.distributed.optim.factory import build_optimizer
 
