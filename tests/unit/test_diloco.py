@@ -149,3 +149,47 @@ def test_int8_codec_keeps_zeros_and_shapes():
     zeros = torch.zeros(4, 5)
     decoded = deserialize_torch_tensor(serialize_torch_tensor(zeros, runtime_pb2.CompressionType.BLOCKWISE_8BIT))
     assert torch.equal(decoded, zeros)
+
+
+def _stage(model_name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, DiLoCo]:
+    from distqat.config import DataConfig, StageConfig
+    from distqat.models import build_stage
+
+    module = build_stage(StageConfig(model_name=model_name), DataConfig(), seed=0)
+    optimizer = torch.optim.Adam(module.parameters())
+    return module, optimizer, DiLoCo(list(module.parameters()), NESTEROV)
+
+
+def test_a_packed_state_loads_whole_into_a_replica_of_the_same_stage():
+    from distqat.distributed.stage_sync import pack_state, unpack_state
+
+    module, optimizer, diloco = _stage("tiny.head")
+    module(torch.randn(2, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    diloco.record_inner_step(2)
+    diloco.run_round(PresetAverager(AveragingResult(RoundStatus.ALONE)), timeout=0)
+    metadata, tensors = pack_state(module, optimizer, diloco, "head", "head.0.0.0")
+
+    joiner = _stage("tiny.head")
+    with torch.no_grad():
+        for param in joiner[0].parameters():
+            param.add_(1.0)
+    assert unpack_state(metadata, tensors, *joiner, stage="head") is None
+    for mine, theirs in zip(joiner[0].parameters(), module.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    assert joiner[2].round == 1 and joiner[2].outer_digest() == diloco.outer_digest()
+    assert joiner[1].state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():
+    from distqat.distributed.stage_sync import pack_state, unpack_state
+
+    metadata, tensors = pack_state(*_stage("tiny.head"), "head", "head.0.0.0")
+    tail = _stage("tiny.tail")
+    before = [p.clone() for p in tail[0].parameters()]
+    assert "stage 'head', this is 'tail'" in unpack_state(metadata, tensors, *tail, stage="tail")
+    problem = unpack_state({**metadata, "stage": "tail"}, tensors, *tail, stage="tail")
+    assert problem is not None and "does not fit" in problem
+    for now, then in zip(tail[0].parameters(), before, strict=True):
+        assert torch.equal(now, then)
+    assert "unknown state format" in unpack_state({"format": 99}, tensors, *tail, stage="tail")
