@@ -145,9 +145,25 @@ class PeerGroup:
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
-def round_bytes(numel: int, replicas: int, compression: str, folder: Path) -> int:
-    """Bytes all peers sent and received in one real all-reduce round of `numel` float32 values."""
-    folder.mkdir()
+def round_bytes(numel: int, replicas: int, compression: str, folder: Path, attempts: int = 3) -> int:
+    """Bytes all peers sent and received in one real all-reduce round of `numel` float32 values.
+
+    A round that the peers refused (on a loaded machine a peer can miss a timeout) is measured again.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _one_round_bytes(numel, replicas, compression, folder / f"attempt{attempt}")
+        except RoundFailed as failure:
+            Console().print(f"[yellow]{compression} measurement round {attempt} was not applied: {failure}")
+    raise SystemExit(f"no {compression} measurement round was applied in {attempts} attempts (logs: {folder})")
+
+
+class RoundFailed(Exception):
+    pass
+
+
+def _one_round_bytes(numel: int, replicas: int, compression: str, folder: Path) -> int:
+    folder.mkdir(parents=True)
     go = folder / "go"
     with PeerGroup(folder) as group:
         outs = []
@@ -162,7 +178,7 @@ def round_bytes(numel: int, replicas: int, compression: str, folder: Path) -> in
     results = [torch.load(out) for out, _ in outs]
     statuses = {r["status"] for r in results}
     if statuses != {"averaged"}:
-        raise SystemExit(f"the {compression} measurement round did not average: {[r['detail'] for r in results]}")
+        raise RoundFailed("; ".join(sorted({r["detail"] for r in results})))
     return sum(r["bytes_sent"] + r["bytes_received"] for r in results)
 
 

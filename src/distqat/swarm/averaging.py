@@ -221,7 +221,8 @@ class StageAverager:
             request_timeout=request_timeout,
             compression=CODECS[compression],
             allreduce_timeout=allreduce_timeout,
-            next_chunk_timeout=max(request_timeout, 5.0),
+            # A loaded CPU can stall a healthy peer for seconds: only a quarter of the round marks it dead.
+            next_chunk_timeout=max(request_timeout, 5.0, allreduce_timeout / 4),
             allow_state_sharing=True,
             declare_state_period=5.0,
             state_provider=state_provider,
