@@ -11,8 +11,8 @@ Bytes: one real all-reduce round of a tensor the size of the model among `--repl
 `distqat.swarm.averaging` (real hivemind on 127.0.0.1), for fp32 and int8; the bytes every peer really
 sent and received, times the rounds each method needs (sync: one per step; DiLoCo: one per inner_steps).
 
-State download: a joiner downloads a ResNet-18 `head` stage's state (params, Adam, θ₀, outer momentum)
-from a donor process, as a server joining a stage does.
+State download: a joiner downloads a ResNet-18 stage's state (`--state-model`, default the `tail`:
+params, Adam, θ₀, outer momentum) from a donor process, as a server joining a stage does.
 
     python benchmarks/diloco.py [--quick] [--json PATH]
 """
@@ -182,15 +182,17 @@ def _one_round_bytes(numel: int, replicas: int, compression: str, folder: Path) 
     return sum(r["bytes_sent"] + r["bytes_received"] for r in results)
 
 
-def state_download_seconds(folder: Path) -> tuple[float, int]:
+def state_download_seconds(folder: Path, model: str) -> tuple[float, int]:
     folder.mkdir()
+    stage = model.split(".", 1)[1]
+    common = ["--stage-model", model, "--stage", stage]
     done, go = folder / "done", folder / "go"
     go.touch()
     with PeerGroup(folder) as group:
-        donor = group.start("--mode", "donor", "--stage", "head", "--go", str(done), name="head.0.0.0")
-        group.ready(donor, "head.0.0.0")
+        donor = group.start("--mode", "donor", *common, "--go", str(done), name=f"{stage}.0.0.0")
+        group.ready(donor, f"{stage}.0.0.0")
         time.sleep(6.0)  # the donor's offer reaches the DHT on its first declaration
-        joiner = group.start("--mode", "joiner", "--stage", "head", "--go", str(go), name="head.0.1.0")
+        joiner = group.start("--mode", "joiner", *common, "--go", str(go), name=f"{stage}.0.1.0")
         group.procs[-1].wait(timeout=300)
         done.touch()
         group.finish()
@@ -205,8 +207,15 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=500)
     parser.add_argument("--rounds", type=int, help="DiLoCo rounds (default 16, --quick 8)")
     parser.add_argument("--batch", type=int, default=32, help="samples per step of each replica")
+    parser.add_argument("--state-model", default="resnet18.tail", help="stage whose state a joiner downloads")
+    parser.add_argument("--only-state", action="store_true", help="measure only the state download")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    if args.only_state:
+        with tempfile.TemporaryDirectory(prefix="distqat-diloco-bench-") as scratch:
+            seconds, size = state_download_seconds(Path(scratch) / "state", args.state_model)
+        Console().print(f"joiner downloaded a {args.state_model} state ({size / 2**20:.1f} MiB) in {seconds:.2f} s")
+        return
     rounds = args.rounds or (8 if args.quick else 16)
     steps = rounds * args.inner_steps
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
@@ -233,7 +242,7 @@ def main() -> None:
         work = Path(scratch)
         fp32_round = round_bytes(numel, args.replicas, "none", work / "fp32")
         int8_round = round_bytes(numel, args.replicas, "int8", work / "int8")
-        download_s, state_bytes = state_download_seconds(work / "state")
+        download_s, state_bytes = state_download_seconds(work / "state", args.state_model)
 
     bytes_sync = fp32_round * steps / samples
     bytes_diloco = fp32_round * diloco_rounds / samples
@@ -259,6 +268,7 @@ def main() -> None:
         "bytes_ratio_int8": bytes_sync / bytes_diloco_int8,
         "state_download_s": download_s,
         "state_bytes": state_bytes,
+        "state_model": args.state_model,
     }
 
     title = f"DiLoCo vs synchronous averaging ({args.replicas} replicas, {samples} samples in all, each method)"
