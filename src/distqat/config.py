@@ -445,8 +445,18 @@ def _render_fields(model: type[BaseModel], values: BaseModel, depth: int, lines:
             continue
         if field.description:
             lines.append(f"{indent}# {field.description}")
+        if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            _render_item_fields(type(value[0]), indent, lines)
         dumped = yaml.safe_dump({name: _plain(value)}, default_flow_style=False, sort_keys=False, width=200)
         lines.extend(indent + line for line in dumped.rstrip("\n").splitlines())
+
+
+def _render_item_fields(model: type[BaseModel], indent: str, lines: list[str]) -> None:
+    """The fields of a list's items (the pipeline's stages), as comments: each with its default."""
+    lines.append(f"{indent}# each item has:")
+    for name, field in model.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"{indent}#   {name}: {field.description} ({default})")
 
 
 def _plain(value: Any) -> Any:
