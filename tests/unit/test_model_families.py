@@ -3,6 +3,7 @@ outputs equal to `transformers`' own models, and weights loaded from a local Hug
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def test_chained_stages_equal_the_full_model(family, architecture, data, roles) 
     stages = build_pipeline_stages(split, data, seed=3)
     assert sum(count(stage) for stage in stages) == count(full)
     spans = stage_ranges(split, data)
-    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     context = BuildContext(data=data, architecture=architecture)
     inputs = get_stage_entry(f"{family}.full").family.sample_input(2, context)
     with torch.no_grad():
