@@ -53,25 +53,7 @@ def test_custom_model_loaded_by_path_trains_in_a_local_swarm(tmp_path: Path) -> 
 
 
 # Reduced variants: the families' real code at a width that trains in seconds on two CPU cores.
-REDUCED = {
-    "distilgpt2": ("llm", {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 512}),
-    "gptneo": ("llm", {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "vocab_size": 512, "window_size": 8}),
-    "wav2vec2": (
-        "speech",
-        {
-            "num_hidden_layers": 2,
-            "hidden_size": 64,
-            "num_attention_heads": 2,
-            "intermediate_size": 128,
-            "conv_dim": [32, 32, 32],
-            "conv_stride": [5, 4, 4],
-            "conv_kernel": [10, 8, 4],
-            "num_conv_pos_embeddings": 16,
-            "num_conv_pos_embedding_groups": 4,
-            "classifier_proj_size": 32,
-        },
-    ),
-}
+TASKS = {"distilgpt2": "llm", "gptneo": "llm", "wav2vec2": "speech"}
 
 
 def synthetic_batch(task: str, batch_size: int = 4, seq_len: int = 32):
@@ -100,12 +82,13 @@ def test_reduced_family_trains_through_real_stage_servers(tmp_path: Path, family
 
     from distqat.config import load_config
     from distqat.distributed.pipeline import RemotePipeline
+    from distqat.models.presets import REDUCED
     from distqat.swarm import records
     from distqat.swarm.node import start_dht, visible_maddrs
     from distqat.swarm.routing import Router
     from distqat.swarm.rpc import StageClient
 
-    task, architecture = REDUCED[family]
+    task, architecture = TASKS[family], REDUCED[family]
     raw = yaml.safe_load((REPO / "configs" / f"{family}.yaml").read_text())
     raw["data"]["seq_len"] = 32
     raw["model_pipeline"]["pipeline"] = [{"model_name": f"{family}.head"}, {"model_name": f"{family}.tail"}]

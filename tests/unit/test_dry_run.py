@@ -89,3 +89,34 @@ def test_model_module_errors_name_the_file(tmp_path: Path) -> None:
     broken.write_text("import torch\nraise RuntimeError('typo in my model')\n")
     with pytest.raises(ModelError, match=r"broken.py: import failed: RuntimeError: typo in my model"):
         load_model_module(broken)
+
+
+def test_cli_prints_the_table_writes_json_and_fails_with_one_line(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "distqat", "dry-run", "--config"]
+    good = subprocess.run(
+        [*command, str(REPO / "configs" / "tiny.yaml"), "--json", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert good.returncode == 0, good.stderr
+    assert "bytes/sample" in good.stdout and "55,050" in good.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["total_params"] == 55_050
+    assert all(
+        set(stage) >= {"name", "params", "output_shape", "boundary_bytes_per_sample"} for stage in report["stages"]
+    )
+    assert report["stages"][0]["output_shape"] == [2, 64] and report["stages"][0]["boundary_bytes_per_sample"] == 256
+
+    bad = subprocess.run(
+        [*command, str(custom_config(tmp_path, width=16))], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "distqat: error: dry run: stage 'tail' (custom_mlp.tail) cannot take the output of stage 'head' of shape "
+        "(2, 32): mat1 and mat2 shapes cannot be multiplied (2x32 and 16x32)"
+    ]
