@@ -105,8 +105,11 @@ def _load_state_dict(model: nn.Module, path: str) -> None:
             state = torch.load(file, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ModelError(f"model_pipeline.pretrained_path: {path}: cannot load: {first_line}") from None
+        # torch's message is a header line ("Error(s) in loading state_dict ...") and one line per problem
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        problem = " ".join(lines[:2])
+        problem = problem if len(problem) <= 300 else problem[:300] + " ..."
+        raise ModelError(f"model_pipeline.pretrained_path: {path}: cannot load: {problem}") from None
 
 
 RESNET18 = register_family(ResNetFamily("resnet18"))

@@ -26,7 +26,7 @@ from distqat.models.hf_loading import from_pretrained, pretrained_config
 from distqat.models.registry import register_family
 
 SAMPLE_RATE = 16_000
-SAMPLE_SECONDS = 1.0  # length of the dry run's sample waveform
+SAMPLE_SECONDS = 1.0  # length of the dry run's sample waveform when the data config names none
 
 
 class FeatureEncoder(nn.Module):
@@ -146,7 +146,9 @@ class Wav2Vec2Family(UnitFamily):
         return units[start:end]
 
     def sample_input(self, batch_size: int, context: BuildContext) -> torch.Tensor:
-        return torch.randn(batch_size, int(SAMPLE_RATE * SAMPLE_SECONDS))
+        # the data config's utterance length where it has one (`data.audio_len`), else one second
+        samples = getattr(context.data, "audio_len", None) or int(SAMPLE_RATE * SAMPLE_SECONDS)
+        return torch.randn(batch_size, samples)
 
 
 WAV2VEC2 = register_family(Wav2Vec2Family())
