@@ -274,7 +274,12 @@ def build_pipeline_stage(pipeline: ModelPipelineConfig, index: int, data: DataCo
     return build_stage(pipeline.pipeline[index], data, seed, pipeline, span)
 
 
-def build_pipeline_stages(pipeline: ModelPipelineConfig, data: DataConfig, seed: int) -> list[nn.Module]:
+def build_pipeline_stages(
+    pipeline: ModelPipelineConfig | list[StageConfig], data: DataConfig, seed: int
+) -> list[nn.Module]:
+    """Build every stage; a bare list of stages is a pipeline with default settings."""
+    if isinstance(pipeline, list):
+        pipeline = ModelPipelineConfig(pipeline=pipeline)
     spans = stage_ranges(pipeline, data)
     return [
         build_stage(stage, data, seed, pipeline, span) for stage, span in zip(pipeline.pipeline, spans, strict=True)
