@@ -147,6 +147,29 @@ def baseline(
     _role("baseline", config_path, ctx, body)
 
 
+@app.command("dry-run", context_settings=OVERRIDES)
+def dry_run_command(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    json_path: Path = typer.Option(None, "--json", help="also write the report as JSON here"),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="samples in the sample batch"),
+) -> None:
+    """Build every stage on CPU, run one sample batch forward and backward, print stages and boundary sizes."""
+    import json
+
+    from distqat.dry_run import dry_run, format_report
+
+    def body(stop: threading.Event) -> None:
+        config = _load(config_path, ctx)
+        report = dry_run(config, batch_size)
+        typer.echo(format_report(report, f"dry run of {config_path or 'the default config'} (CPU, batch {batch_size})"))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report.to_json(), indent=2))
+
+    _run(body)
+
+
 # --- roles (what the launchers start; also runnable by hand) ---------------------------------------------
 
 

@@ -95,6 +95,18 @@ class StageConfig(Section):
     model_name: str = Field(description="'<family>.<stage>', e.g. 'resnet18.head'")
     num_classes: int = Field(10, ge=1, description="output classes (classification models)")
     name: str | None = Field(None, description="stage name in uids and the DHT; default: the part after the dot")
+    layers: list[int] | None = Field(
+        None,
+        description="[start, end): units of the family's full model this stage runs (built-in families; units are "
+        "listed by `distqat dry-run`); None: cut by model_pipeline.split",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _unit_range(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) != 2 or not 0 <= value[0] < value[1]):
+            raise ValueError(f"{value} is not a unit range [start, end] with 0 <= start < end")
+        return value
 
     @field_validator("model_name")
     @classmethod
@@ -112,6 +124,32 @@ class ModelPipelineConfig(Section):
     pipeline: list[StageConfig] = Field(min_length=1, description="the stages, in order")
     forward_timeout: float = Field(90.0, gt=0, description="seconds a stage's forward may take")
     backward_timeout: float = Field(180.0, gt=0, description="seconds a stage's backward may take")
+    split: Literal["default", "params"] = Field(
+        "default",
+        description="how stages without 'layers' are cut: 'default' (the family's documented cut: ResNet between "
+        "layer groups; transformers: embeddings in head, blocks spread over the stages, norm and output head in "
+        "tail) or 'params' (balanced parameter counts)",
+    )
+    architecture: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the family's architecture config (e.g. n_layer, n_embd, n_head for distilgpt2; "
+        "num_layers, hidden_size for gptneo; num_hidden_layers, hidden_size for wav2vec2; stem for resnet)",
+    )
+    pretrained_path: str | None = Field(
+        None,
+        description="local Hugging Face model folder (config.json + weights) to load the stages' weights from "
+        "(ResNet: a torchvision state-dict file, .pth or .safetensors); None: random init from the seed",
+    )
+    model_module: str | None = Field(
+        None,
+        description="Python file (absolute, or relative to the working directory) imported before the stages "
+        "are built, so its @register_expert_class models can be named in the pipeline",
+    )
+
+    @field_validator("pretrained_path", "model_module", mode="before")
+    @classmethod
+    def _none_path_spelled_out(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in {"none", "null", ""} else value
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> ModelPipelineConfig:
@@ -407,8 +445,18 @@ def _render_fields(model: type[BaseModel], values: BaseModel, depth: int, lines:
             continue
         if field.description:
             lines.append(f"{indent}# {field.description}")
+        if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            _render_item_fields(type(value[0]), indent, lines)
         dumped = yaml.safe_dump({name: _plain(value)}, default_flow_style=False, sort_keys=False, width=200)
         lines.extend(indent + line for line in dumped.rstrip("\n").splitlines())
+
+
+def _render_item_fields(model: type[BaseModel], indent: str, lines: list[str]) -> None:
+    """The fields of a list's items (the pipeline's stages), as comments: each with its default."""
+    lines.append(f"{indent}# each item has:")
+    for name, field in model.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"{indent}#   {name}: {field.description} ({default})")
 
 
 def _plain(value: Any) -> Any:

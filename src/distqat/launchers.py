@@ -61,11 +61,10 @@ def preflight(config: Config) -> None:
     Otherwise a missing dataset would show up only as a trainer crashing and restarting in its log.
     """
     from distqat.data import check_dataset
-    from distqat.models import get_stage_entry
+    from distqat.models import stage_ranges
     from distqat.runtime import resolve_device
 
-    for stage in config.model_pipeline.pipeline:
-        get_stage_entry(stage.model_name)
+    stage_ranges(config.model_pipeline, config.data)  # every stage exists and the cut covers the model
     check_dataset(config.data)
     resolve_device(config.device)
 

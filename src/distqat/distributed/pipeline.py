@@ -26,7 +26,9 @@ from distqat.swarm.rpc import Method, StageClient, expect_tensors
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels)
+    """Cross-entropy over the last dimension for every task: classes [B, C] with labels [B] (cv, speech), or
+    next-token logits [B, T, V] with labels [B, T] already shifted by the data side (llm); -100 is ignored."""
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
 
 
 class Pipeline(Protocol):
@@ -97,7 +99,7 @@ class LocalPipeline:
 
     def __init__(self, config: Config):
         self.stages: list[nn.Module] = [
-            stage.train() for stage in build_pipeline_stages(config.model_pipeline.pipeline, config.data, config.seed)
+            stage.train() for stage in build_pipeline_stages(config.model_pipeline, config.data, config.seed)
         ]
         self.optimizers = [build_optimizer(stage.parameters(), config.diloco.inner_optim) for stage in self.stages]
         self.traffic = TrafficCounter()

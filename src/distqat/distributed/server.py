@@ -27,7 +27,7 @@ from distqat.distributed.optim import build_optimizer
 from distqat.distributed.replica import StageReplica
 from distqat.distributed.stage_sync import StageSync
 from distqat.errors import ConfigError, SwarmError
-from distqat.models import build_stage
+from distqat.models import build_pipeline_stage
 from distqat.runtime import autocast, resolve_device
 from distqat.swarm import records
 from distqat.swarm.node import start_dht, visible_maddrs
@@ -44,9 +44,8 @@ class StageServer:
     def __init__(self, config: Config, dht: DHT, stage_name: str, expert_index: int):
         self.config, self.dht = config, dht
         self.stage_index = config.model_pipeline.stage_names.index(stage_name)
-        stage = config.model_pipeline.pipeline[self.stage_index]
         self.device = resolve_device(config.device)
-        module = build_stage(stage, config.data, config.seed)
+        module = build_pipeline_stage(config.model_pipeline, self.stage_index, config.data, config.seed)
         self.replica = StageReplica(
             module,
             build_optimizer(module.parameters(), config.diloco.inner_optim),
