@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from math import gcd
 from pathlib import Path
@@ -74,7 +75,9 @@ def synthesise(word: str, voice: str, speed: int) -> np.ndarray:
         raise DataError(f"spoken_digits: espeak-ng is not installed ({ESPEAK_HINT})") from None
     except subprocess.SubprocessError as error:
         raise DataError(f"spoken_digits: espeak-ng -v {voice} failed: {error}") from None
-    return read_wav(result.stdout, f"espeak-ng -v {voice} '{word}'")
+    with warnings.catch_warnings():  # --stdout cannot know the length: its WAV header says 2 GiB
+        warnings.simplefilter("ignore")
+        return read_wav(result.stdout, f"espeak-ng -v {voice} '{word}'")
 
 
 def generate_spoken_digits(
