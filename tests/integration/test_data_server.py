@@ -70,8 +70,19 @@ class ServerRun:
         overrides = ["--data.dataset-name", str(tmp_path / "idx"), "--diloco.batch-size-per-step", str(BATCH)]
         overrides += ["--data.eval-every", "0", "--data-server.pool-size", str(pool_size)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "distqat", "data-server", "--config", str(TINY), "--log-dir", str(log_dir)]
-            + ["--ready-file", str(ready), *overrides],
+            [
+                sys.executable,
+                "-m",
+                "distqat",
+                "data-server",
+                "--config",
+                str(TINY),
+                "--log-dir",
+                str(log_dir),
+                "--ready-file",
+                str(ready),
+                *overrides,
+            ],
             env={**os.environ, SECRET_ENV: self.secret},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -178,8 +189,19 @@ def test_sigkill_of_the_client_leaves_no_shared_memory(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, str(log_dir), str(TINY), "--data.dataset-name", str(tmp_path / "idx")]
-        + ["--diloco.batch-size-per-step", str(BATCH), "--data.eval-every", "0"],
+        [
+            sys.executable,
+            "-c",
+            CLIENT,
+            str(log_dir),
+            str(TINY),
+            "--data.dataset-name",
+            str(tmp_path / "idx"),
+            "--diloco.batch-size-per-step",
+            str(BATCH),
+            "--data.eval-every",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

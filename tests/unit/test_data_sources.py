@@ -71,7 +71,7 @@ def test_image_folder_with_held_out_tenth(tmp_path: Path) -> None:
     data = DataConfig(dataset_name=str(tmp_path), num_channels=3, img_size=16)
     train, test = load_dataset(data), load_dataset(data, split="test")
     assert (len(train), len(test)) == (18, 2)
-    inputs, labels = batch_of(train, data)
+    inputs, _labels = batch_of(train, data)
     assert inputs.shape == (4, 3, 16, 16)
     assert set(train.labels.tolist()) == {0, 1}
 
@@ -94,7 +94,6 @@ def test_wav_folder_resampled_and_padded(tmp_path: Path) -> None:
     assert float(inputs[0, :7900].abs().max()) > 0.5  # 0.5 s at 16 kHz = 8000 samples of tone...
     assert float(inputs[0, 8100:].abs().max()) == 0.0  # ...then zero padding
     assert labels.tolist() == [0, 0, 0, 1]
-
 
 
 def test_text_file_llm_windows_are_shifted(tmp_path: Path) -> None:
@@ -143,7 +142,7 @@ def test_hugging_face_datasets_from_local_parquet(tmp_path: Path) -> None:
 def test_offline_sources_refuse_the_wrong_task_and_missing_paths() -> None:
     with pytest.raises(DataError, match=r"data\.task_type 'cv' does not fit data\.dataset_name 'shakespeare'"):
         load_dataset(DataConfig(dataset_name="shakespeare"))
-    with pytest.raises(DataError, match="'./nowhere': no such file or folder"):
+    with pytest.raises(DataError, match=r"'\./nowhere': no such file or folder"):
         load_dataset(DataConfig(dataset_name="./nowhere"))
 
 
