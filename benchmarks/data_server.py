@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from distqat.config import dump_config, load_config  # noqa: E402
-from distqat.data.consumer import ADDRESS_ENV  # noqa: E402
 from distqat.distributed.data_server import start_data_server  # noqa: E402
 from distqat.launch import ProcessSupervisor  # noqa: E402
 
@@ -158,7 +157,12 @@ def main() -> None:
         "server_rss_mb": {},
         "private_rss_mb": {},
         "shared_trainer_rss_mb": {},
-        "settings": {"seconds": args.seconds, "images": args.images, "cpus": os.cpu_count()},
+        "settings": {
+            "seconds": args.seconds,
+            "images": args.images,
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg()[0],
+        },
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="distqat-bench-") as tmp:
@@ -171,16 +175,15 @@ def main() -> None:
             with ProcessSupervisor() as supervisor:
                 env = start_data_server(supervisor, config_path, log_dir)
                 role = psutil.Process(supervisor.processes["data_server"].role_pid)
+                # Shared and private alternate per trainer count, so both see the same load on a busy machine.
                 for count in counts:
                     results = run_trainers("shared", config_path, count, args.seconds, env)
                     shared[count] = rate(results)
                     trainer_rss[count] = sum(r["uss_mb"] for r in results)
+                    results = run_trainers("private", config_path, count, args.seconds, {})
+                    private[count] = rate(results)
+                    private_rss[count] = sum(r["uss_mb"] for r in results)
                 server_rss = role.memory_full_info().uss / 2**20
-            assert ADDRESS_ENV in env
-            for count in counts:
-                results = run_trainers("private", config_path, count, args.seconds, {})
-                private[count] = rate(results)
-                private_rss[count] = sum(r["uss_mb"] for r in results)
             out["shared_batches_per_s"][task] = shared
             out["private_batches_per_s"][task] = private
             out["server_rss_mb"][task] = server_rss
