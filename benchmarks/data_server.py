@@ -67,13 +67,12 @@ else:
 take()
 while time.time() < start_at:
     time.sleep(0.01)
-count, started = 0, time.monotonic()
-while time.monotonic() - started < seconds:
+count, started = 0, time.time()
+while time.time() - started < seconds:
     inputs, labels = take()
     count += 1
-elapsed = time.monotonic() - started
 memory = psutil.Process().memory_full_info()
-print(json.dumps({"batches": count, "seconds": elapsed, "rss_mb": memory.rss / 2**20, "uss_mb": memory.uss / 2**20}))
+print(json.dumps({"batches": count, "start": started, "end": time.time(), "uss_mb": memory.uss / 2**20}))
 """
 
 TASKS = {
@@ -139,7 +138,10 @@ def run_trainers(mode: str, config_path: Path, count: int, seconds: float, env: 
 
 
 def rate(results: list[dict]) -> float:
-    return sum(r["batches"] / r["seconds"] for r in results)
+    """Batches delivered to all trainers over the span from the first start to the last end: a trainer
+    that started late (slow import on a busy machine) cannot inflate the sum."""
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return sum(r["batches"] for r in results) / span
 
 
 def main() -> None:

@@ -164,3 +164,25 @@ def test_real_shakespeare_with_gpt2_bpe(tmp_path: Path) -> None:
     assert inputs.shape == (4, 64) and int(inputs.max()) < 50_257 and int(labels.min()) != IGNORE_INDEX
     assert list(tmp_path.glob("shakespeare-gpt2.npy"))  # tokenised once, cached
     assert len(load_dataset(data, split="test")) > 1000
+
+
+def test_stale_segments_are_removed_by_record_only(tmp_path: Path) -> None:
+    import json
+    import os
+
+    import psutil
+
+    from distqat.data.shm import RECORD_FILE, clean_stale_segments
+
+    listed, unlisted = tmp_path / "distqat-data-listed", tmp_path / "distqat-data-unlisted"
+    listed.write_bytes(b"x")
+    unlisted.write_bytes(b"x")
+    me = psutil.Process()
+    record = tmp_path / RECORD_FILE
+    record.write_text(json.dumps({"pid": me.pid, "create_time": me.create_time(), "segments": [str(listed)]}))
+    with pytest.raises(DataError, match="a live data server"):
+        clean_stale_segments(tmp_path)  # its writer still runs: hands off
+    assert listed.exists()
+    record.write_text(json.dumps({"pid": os.getpid(), "create_time": 1.0, "segments": [str(listed)]}))
+    assert clean_stale_segments(tmp_path) == [str(listed)]  # same pid, other start time: a dead run's record
+    assert not listed.exists() and unlisted.exists() and not record.exists()
