@@ -1,10 +1,11 @@
 """The data server: preloads a dataset once and hands its batches to every local trainer through shared memory.
 
 Worker threads fill free slots of a /dev/shm segment with prepared batches in the order of one seeded,
-buffered shuffle per epoch; trainers connect over an authenticated local socket (127.0.0.1, a port picked
-by the OS, a random per-run secret from the client), and each request hands out the next ready slot to
-exactly one trainer, so no two trainers get the same batch of an epoch. A trainer holds one slot at a time
-and returns it with its next request; a trainer whose connection drops (it died) has its slot returned.
+buffered shuffle per epoch (handed out in that order); trainers connect over an authenticated local
+socket (127.0.0.1, a port picked by the OS, a random per-run secret from the client), and each request
+hands out the next ready slot to exactly one trainer, so no two trainers get the same batch of an epoch.
+A trainer holds one slot at a time and returns it with its next request; a trainer whose connection
+drops (it died) has its slot returned.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ class DataServer:
         self._plans = epoch_batches(len(dataset), batch_size, settings.shuffle_buffer, seed)
         self._plan_lock = threading.Lock()
         self._free: queue.Queue[int] = queue.Queue()
-        self._ready: queue.Queue[tuple[int, BatchPlan]] = queue.Queue()
+        # Filled slots by plan sequence number; handed out strictly in plan order, so batches of two
+        # epochs never interleave even when several workers finish out of order.
+        self._filled: dict[int, tuple[int, BatchPlan]] = {}
+        self._filled_cv = threading.Condition()
+        self._plan_seq = 0
+        self._next_seq = 0
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.served = 0
@@ -84,12 +90,15 @@ class DataServer:
                 except queue.Empty:
                     continue
                 with self._plan_lock:
-                    plan = next(self._plans)
+                    plan, seq = next(self._plans), self._plan_seq
+                    self._plan_seq += 1
                 inputs, labels = self._dataset.batch(plan.index, self._data)
                 views = self.slots.views(slot)
                 views[0].copy_(inputs)
                 views[1].copy_(labels)
-                self._ready.put((slot, plan))
+                with self._filled_cv:
+                    self._filled[seq] = (slot, plan)
+                    self._filled_cv.notify_all()
         except BaseException as error:  # fatal: trainers are told, and `serve` raises it
             logger.exception("preparing a batch failed")
             self.error = error
@@ -149,10 +158,12 @@ class DataServer:
                 return {"error": f"the data server failed: {self.error}"}
             if self._stop.is_set():
                 return {"error": "the data server is stopping"}
-            try:
-                slot, plan = self._ready.get(timeout=_TICK_S)
-            except queue.Empty:
-                continue
+            with self._filled_cv:
+                if self._next_seq not in self._filled:
+                    self._filled_cv.wait(_TICK_S)
+                    continue
+                slot, plan = self._filled.pop(self._next_seq)
+                self._next_seq += 1
             self.served += 1
             return {"slot": slot, "epoch": plan.epoch, "batch": plan.number}
 
@@ -161,7 +172,7 @@ class DataServer:
     def wait_ready(self, timeout: float) -> None:
         """Until the first batch is prepared (the dataset is usable), or raise its error."""
         deadline = time.monotonic() + timeout
-        while self._ready.empty() and self.error is None and time.monotonic() < deadline:
+        while not self._filled and self.error is None and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.error is not None:
             raise DataError(f"preparing a batch failed: {self.error}") from self.error
