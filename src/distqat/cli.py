@@ -240,6 +240,24 @@ def trainer(
     _role("trainer", config_path, ctx, lambda config, stop: run_trainer(config, index, stop, max_steps))
 
 
+@app.command("data-server", context_settings=OVERRIDES)
+def data_server(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    log_dir: Path = typer.Option(None, "--log-dir", help="default: the config's log dir"),
+    ready_file: Path = typer.Option(None, "--ready-file", help="write HOST:PORT here once batches are ready"),
+) -> None:
+    """Serve batches to this machine's trainers through shared memory (the client starts it)."""
+    from distqat.distributed.data_server import run_data_server
+
+    _role(
+        "data_server",
+        config_path,
+        ctx,
+        lambda config, stop: run_data_server(config, stop, log_dir or config.resolved_log_dir, ready_file),
+    )
+
+
 def main() -> None:
     app(prog_name="distqat")
 

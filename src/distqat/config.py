@@ -30,25 +30,35 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset_name: str = Field("fashion_mnist", description="dataset to train on; this version reads 'fashion_mnist'")
-    dataset_config: str | None = Field(
-        None, description="sub-config of a Hugging Face hub dataset (not read by this version)"
+    dataset_name: str = Field(
+        "fashion_mnist",
+        description="what to train on: an offline source (fashion_mnist, shakespeare, spoken_digits), a local file "
+        "or folder (IDX files, CIFAR python batches, image or WAV class folders, .txt files, parquet/csv/json "
+        "files), or a Hugging Face hub name (uoft-cs/cifar10, wikitext; needs internet)",
     )
-    dataset_split: str = Field("train", description="split to train on: 'train' or 'test'")
-    data_dir: str | None = Field(None, description="folder with the dataset's files; None: where its package puts them")
+    dataset_config: str | None = Field(None, description="sub-config of a Hugging Face hub dataset (wikitext-2-raw-v1)")
+    dataset_split: str = Field("train", description="split to train on ('train'; hub datasets: any of theirs)")
+    data_dir: str | None = Field(
+        None, description="folder with the dataset's files, or its cache; None: where its package puts them"
+    )
     task_type: Literal["cv", "llm", "speech"] = Field(
-        "cv", description="task: sets collate and loss; this version trains 'cv' (classification)"
+        "cv", description="task: sets collate, batch shapes and the eval metric (cv, llm or speech)"
     )
-    num_workers: int = Field(
-        0, ge=0, description="loader processes (this version prepares batches in one thread per trainer)"
-    )
+    num_workers: int = Field(0, ge=0, description="threads that decode or synthesise a dataset on its first load")
     precision: Literal["fp32", "fp16-mixed", "bf16", "bf16-mixed"] = Field(
         "fp32", description="compute precision of the stages (mixed modes autocast on the stage's device)"
     )
     num_channels: int = Field(1, ge=1, le=4, description="image channels")
     img_size: int = Field(28, ge=8, description="image side in pixels (images are resized to this)")
-    seq_len: int = Field(128, ge=1, description="tokens per sequence (llm; not read by this version)")
+    seq_len: int = Field(128, ge=1, description="tokens per sequence (llm)")
+    tokenizer: str = Field(
+        "gpt2", description="llm tokenizer: 'gpt2' (offline GPT-2 BPE), or a Hugging Face tokenizer name or folder"
+    )
+    audio_len: int = Field(16000, ge=160, description="samples per utterance at 16 kHz (speech; padded or cut)")
     max_samples: int | None = Field(None, ge=1, description="use only the first N samples (None: all)")
+    eval_split: str = Field("test", description="held-out split the trainer evaluates on")
+    eval_every: int = Field(0, ge=0, description="trainer steps between two held-out evaluations (0: never)")
+    eval_samples: int = Field(256, ge=1, description="held-out samples (llm: sequences) per evaluation")
 
 
 class OptimConfig(Section):
@@ -193,7 +203,14 @@ class ParamMirrorConfig(Section):
 
 
 class DataServerConfig(Section):
-    prefetch: int = Field(4, ge=1, description="batches each trainer prepares ahead of the one it trains on")
+    enable: bool = Field(
+        True, description="the client runs one data server that hands batches to its trainers through shared memory"
+    )
+    pool_size: int = Field(16, ge=1, description="shared-memory batch slots (ready batches plus one per trainer)")
+    num_workers: int = Field(2, ge=1, description="data server threads that prepare batches")
+    shuffle_buffer: int = Field(10000, ge=1, description="samples in the shuffle buffer (bounds shuffle memory)")
+    timeout: float = Field(60.0, gt=0, description="seconds a trainer waits for a batch before it gives up")
+    prefetch: int = Field(4, ge=1, description="batches prepared ahead by a trainer that loads data itself")
 
 
 class NetworkConfig(Section):

@@ -3,7 +3,8 @@
 Every `network.client_poll_period` seconds it counts complete pipelines in the DHT (the smallest replica
 count over the stages, capped by `network.max_pipelines`), starts trainers up to that number, stops the
 extras, and restarts a trainer that crashed (with a growing back-off). A trainer that finished its
-`--max-steps` is not restarted.
+`--max-steps` is not restarted. Before any trainer it starts the data server (`data_server.enable`), whose
+address and per-run secret reach the trainers in their environment.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distqat.config import Config, dump_config
-from distqat.errors import SwarmError
+from distqat.distributed.data_server import start_data_server
+from distqat.errors import DataError, SwarmError
 from distqat.launch import ProcessSupervisor, RoleProcess
 from distqat.swarm import records
 from distqat.swarm.node import start_dht
@@ -38,9 +40,17 @@ class TrainerSlot:
 class TrainerFleet:
     """Trainer processes by slot index; `reconcile` makes their number match the complete pipelines."""
 
-    def __init__(self, supervisor: ProcessSupervisor, config_path: Path, log_dir: Path, max_steps: int):
+    def __init__(
+        self,
+        supervisor: ProcessSupervisor,
+        config_path: Path,
+        log_dir: Path,
+        max_steps: int,
+        env: dict[str, str] | None = None,
+    ):
         self._supervisor = supervisor
         self._config_path, self._log_dir, self._max_steps = config_path, log_dir, max_steps
+        self.env = dict(env or {})  # the data server's address and secret, for every trainer
         self.slots: dict[int, TrainerSlot] = {}
 
     def _argv(self, index: int) -> list[str]:
@@ -87,7 +97,7 @@ class TrainerFleet:
                     f"trainer_{index}",
                     self._argv(index),
                     self._log_dir / f"trainer_{index}.log",
-                    env={"DISTQAT_NUM_THREADS": "1"},
+                    env={"DISTQAT_NUM_THREADS": "1", **self.env},
                 )
                 logger.info("started trainer_%d (pid %d)", index, slot.process.pid)
         for index, slot in self.slots.items():
@@ -109,9 +119,15 @@ def run_client(config: Config, stop: threading.Event, log_dir: Path, max_steps: 
     dht = start_dht(config.network, client_mode=True)
     supervisor = ProcessSupervisor()
     fleet = TrainerFleet(supervisor, config_path, log_dir, max_steps)
+    data_supervisor = ProcessSupervisor()  # stopped after the trainers, so none sees its batches vanish
     last_state = None
     try:
+        if config.data_server.enable:
+            fleet.env = start_data_server(data_supervisor, config_path, log_dir, stop)
+            logger.info("data server ready; trainers take their batches from it")
         while not stop.is_set():
+            for name, code in data_supervisor.exited().items():
+                raise DataError(f"the {name.replace('_', ' ')} exited with code {code} (see {name}.log)")
             try:
                 replicas = records.fetch_replicas(
                     dht, config.experiment_prefix, stage_names, config.network.dht_timeout
@@ -138,4 +154,5 @@ def run_client(config: Config, stop: threading.Event, log_dir: Path, max_steps: 
             stop.wait(config.network.client_poll_period)
     finally:
         supervisor.stop_all()
+        data_supervisor.stop_all()
         dht.shutdown()

@@ -34,6 +34,10 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Pipeline(Protocol):
     async def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float: ...
 
+    async def infer(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The tail's output for held-out inputs, without training anything."""
+        ...
+
 
 @dataclass
 class TrafficCounter:
@@ -79,6 +83,21 @@ class RemotePipeline:
                 (grad,) = replies
         return float(loss.detach())
 
+    async def infer(self, inputs: torch.Tensor) -> torch.Tensor:
+        micro_batch = f"eval-{next(self._ids)}"
+        activations = inputs
+        for stage in self.router.stage_names:
+            replica = self.router.pick(stage)
+            (activations,) = await self._hop(
+                replica,
+                "forward",
+                activations,
+                {"mb": micro_batch, "eval": True},
+                self.config.model_pipeline.forward_timeout,
+                replies=1,
+            )
+        return activations
+
     async def _hop(
         self, replica: ServerInfo, method: Method, tensor: torch.Tensor, metadata: dict, timeout: float, replies: int
     ) -> list[torch.Tensor]:
@@ -115,3 +134,16 @@ class LocalPipeline:
         for optimizer in self.optimizers:
             optimizer.step()
         return float(loss.detach())
+
+    async def infer(self, inputs: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            stage.eval()
+        try:
+            with torch.no_grad():
+                activations = inputs
+                for stage in self.stages:
+                    activations = stage(activations)
+        finally:
+            for stage in self.stages:
+                stage.train()
+        return activations

@@ -56,6 +56,16 @@ class StageReplica:
         self._in_flight[(caller, micro_batch)] = _InFlight(inputs, outputs, self.weights_version)
         return outputs.detach().float().cpu()
 
+    def infer(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A forward for evaluation: eval mode (BatchNorm uses its running statistics), no graph kept."""
+        self.module.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                outputs = self.module(inputs.to(self.device))
+        finally:
+            self.module.train()
+        return outputs.float().cpu()
+
     def backward(self, caller: str, micro_batch: str, grad_outputs: torch.Tensor) -> torch.Tensor | None:
         """Apply the gradient of the loss w.r.t. this stage's outputs; return the gradient w.r.t. its inputs."""
         saved = self._in_flight.pop((caller, micro_batch), None)

@@ -79,6 +79,8 @@ class StageServer:
 
     async def forward(self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str):
         (inputs,) = tensors
+        if metadata.get("eval"):  # held-out evaluation: no backward follows, keep nothing
+            return [await self._run(self.replica.infer, inputs)], {}
         outputs = await self._run(self.replica.forward, caller, str(metadata["mb"]), inputs)
         return [outputs], {}
 

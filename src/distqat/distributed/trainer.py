@@ -1,6 +1,8 @@
 """Trainer (`distqat trainer`, started by the client; `distqat baseline` runs the same loop locally).
 
-Takes batches, pushes each through the pipeline, and publishes its progress to the DHT. A failed hop
+Takes batches (from the client's data server through shared memory, or, run on its own, from its own
+copy of the dataset), pushes each through the pipeline, evaluates on held-out data every `data.eval_every`
+steps, and publishes its progress to the DHT. A failed hop
 (timeout, dead peer, server error) is logged as one line, the replica is avoided for `network.ban_time`
 seconds and the batch is retried on a fresh route; with no route at all it waits for one, and the client
 stops it if the pipeline is gone for good.
@@ -17,11 +19,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import torch
 from hivemind import DHT
 
 from distqat.config import Config
 from distqat.data import BatchStream, load_dataset
+from distqat.data.consumer import SharedBatches
+from distqat.distributed.evaluation import EvalResult, HeldOut
 from distqat.distributed.pipeline import LocalPipeline, Pipeline, RemotePipeline, TrafficCounter
 from distqat.errors import NoReplicaError, StageCallError, SwarmError
 from distqat.swarm import records
@@ -47,6 +53,8 @@ class Progress:
     first_losses: list[float] = field(default_factory=list)
     started: float | None = None  # monotonic time the first step started
     first_step_at: float = 0.0
+    eval_step: int = 0
+    last_eval: EvalResult | None = None
 
     def start_step(self) -> None:
         if self.started is None:
@@ -85,20 +93,64 @@ class Progress:
             failures=self.failures,
             finished=finished,
             last_error=self.last_error,
+            eval_step=self.eval_step,
+            eval_loss=self.last_eval.loss if self.last_eval else None,
+            eval_accuracy=self.last_eval.accuracy if self.last_eval else None,
         )
+
+
+class Batches(Protocol):
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+def open_batches(config: Config, index: int) -> Batches:
+    """The client's data server when it runs one (its address is in our environment), else our own stream."""
+    shared = SharedBatches.from_env(f"trainer_{index}", config.data_server.timeout)
+    if shared is not None:
+        logger.info("taking batches from the data server")
+        return shared
+    return BatchStream(
+        load_dataset(config.data),
+        config.data,
+        config.diloco.batch_size_per_step,
+        seed=config.seed * 1000 + index,
+        prefetch=config.data_server.prefetch,
+        shuffle_buffer=config.data_server.shuffle_buffer,
+    )
+
+
+async def evaluate_now(pipeline: Pipeline, held_out: HeldOut, progress: Progress) -> None:
+    """One held-out evaluation; a failed hop skips it (the next one comes `eval_every` steps later)."""
+    try:
+        result = await held_out.evaluate(pipeline)
+    except (StageCallError, NoReplicaError) as error:
+        logger.warning("eval at step %d skipped: %s", progress.step, error)
+        return
+    progress.eval_step, progress.last_eval = progress.step, result
+    logger.info(
+        "eval at step %d: loss %.4f accuracy %.4f (%d held-out samples)",
+        progress.step,
+        result.loss,
+        result.accuracy,
+        result.samples,
+    )
 
 
 async def train(
     pipeline: Pipeline,
-    batches: BatchStream,
+    batches: Batches,
     progress: Progress,
     max_steps: int,
     stop: threading.Event,
     on_no_route: asyncio.Event | None = None,
     retry_wait_s: float = 1.0,
+    held_out: HeldOut | None = None,
+    eval_every: int = 0,
 ) -> None:
     """Train until `max_steps` (0: forever) or `stop`; hop failures are retried, other errors propagate."""
-    inputs, labels = batches.next()
+    inputs, labels = await asyncio.to_thread(batches.next)
     waiting_since: float | None = None
     while not stop.is_set() and (max_steps <= 0 or progress.step < max_steps):
         progress.start_step()
@@ -124,7 +176,9 @@ async def train(
             sum(progress.losses) / len(progress.losses),
             progress.samples / progress.train_time_s,
         )
-        inputs, labels = batches.next()
+        if held_out is not None and eval_every > 0 and progress.step % eval_every == 0:
+            await evaluate_now(pipeline, held_out, progress)
+        inputs, labels = await asyncio.to_thread(batches.next)
 
 
 async def _refresh_routes_once(dht: DHT, config: Config, router: Router) -> None:
@@ -163,7 +217,13 @@ async def _publish_metrics(dht, config, progress, traffic, stop: threading.Event
 
 
 async def _train_in_swarm(
-    config: Config, dht: DHT, batches: BatchStream, progress: Progress, max_steps: int, stop: threading.Event
+    config: Config,
+    dht: DHT,
+    batches: Batches,
+    progress: Progress,
+    max_steps: int,
+    stop: threading.Event,
+    held_out: HeldOut | None = None,
 ) -> None:
     p2p = await dht.replicate_p2p()
     router = Router(config.model_pipeline.stage_names, ban_time=config.network.ban_time)
@@ -177,7 +237,16 @@ async def _train_in_swarm(
         asyncio.create_task(_publish_metrics(dht, config, progress, pipeline.traffic, helpers_stop, peer_id)),
     ]
     try:
-        await train(pipeline, batches, progress, max_steps, stop, on_no_route=wake)
+        await train(
+            pipeline,
+            batches,
+            progress,
+            max_steps,
+            stop,
+            on_no_route=wake,
+            held_out=held_out,
+            eval_every=config.data.eval_every,
+        )
         finished = max_steps > 0 and progress.step >= max_steps
         await _publish(dht, config, progress.record(peer_id, pipeline.traffic, finished=finished))
         logger.info(
@@ -193,21 +262,17 @@ async def _train_in_swarm(
 
 
 def run_trainer(config: Config, index: int, stop: threading.Event, max_steps: int) -> None:
-    dataset = load_dataset(config.data)
-    batches = BatchStream(
-        dataset,
-        config.data,
-        config.diloco.batch_size_per_step,
-        seed=config.seed * 1000 + index,
-        prefetch=config.data_server.prefetch,
-    )
-    progress = Progress(trainer_id=f"trainer_{index}")
-    dht = start_dht(config.network, client_mode=True)
+    batches = open_batches(config, index)
     try:
-        asyncio.run(_train_in_swarm(config, dht, batches, progress, max_steps, stop))
+        held_out = HeldOut(config) if config.data.eval_every > 0 else None
+        progress = Progress(trainer_id=f"trainer_{index}")
+        dht = start_dht(config.network, client_mode=True)
+        try:
+            asyncio.run(_train_in_swarm(config, dht, batches, progress, max_steps, stop, held_out))
+        finally:
+            dht.shutdown()
     finally:
         batches.close()
-        dht.shutdown()
 
 
 def run_baseline(config: Config, max_steps: int, stop: threading.Event, summary_path: Path | None) -> dict:
@@ -219,12 +284,16 @@ def run_baseline(config: Config, max_steps: int, stop: threading.Event, summary_
         config.diloco.batch_size_per_step,
         seed=config.seed * 1000,
         prefetch=config.data_server.prefetch,
+        shuffle_buffer=config.data_server.shuffle_buffer,
     )
+    held_out = HeldOut(config) if config.data.eval_every > 0 else None
     pipeline = LocalPipeline(config)
     progress = Progress(trainer_id="baseline")
     started = time.monotonic()
     try:
-        asyncio.run(train(pipeline, batches, progress, max_steps, stop))
+        asyncio.run(
+            train(pipeline, batches, progress, max_steps, stop, held_out=held_out, eval_every=config.data.eval_every)
+        )
     finally:
         batches.close()
     record = progress.record(peer_id="local", traffic=pipeline.traffic, finished=True)
@@ -238,6 +307,8 @@ def run_baseline(config: Config, max_steps: int, stop: threading.Event, summary_
         "samples_per_s": record.samples_per_s,
         "pipelines": 1,
         "servers": 0,
+        "eval_loss": record.eval_loss,
+        "eval_accuracy": record.eval_accuracy,
     }
     if summary_path is not None:
         summary_path.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,9 @@ class TrainerMetrics(Record):
     failures: int = 0
     finished: bool = False
     last_error: str | None = None
+    eval_step: int = 0  # step of the last held-out evaluation (0: none yet)
+    eval_loss: float | None = None  # mean loss on the held-out samples
+    eval_accuracy: float | None = None  # fraction of held-out labels (llm: tokens) predicted right
 
 
 class RoundOutcome(Record):
