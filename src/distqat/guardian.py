@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import glob
 import os
 import signal
 import stat
@@ -138,6 +139,7 @@ class Guardian:
         self.stop_reason: str | None = None
         self.sockets: set[str] = set()
         self.shm: set[str] = set()
+        self.pids: set[int] = set()  # every descendant seen: torch names its shm files after their creator
         self._parent_is_direct = os.getppid() == parent_pid
         self._parent_ctime = self._create_time(parent_pid)
 
@@ -172,7 +174,9 @@ class Guardian:
                 self.role.returncode = os.waitstatus_to_exitcode(status)
 
     def scan_files(self) -> None:
-        sockets, shm = held_files(p.pid for p in _descendants())
+        pids = [p.pid for p in _descendants()]
+        self.pids.update(pids)
+        sockets, shm = held_files(pids)
         self.sockets |= sockets
         self.shm |= shm
 
@@ -287,7 +291,10 @@ class Guardian:
                     folder = os.path.dirname(path)
                     if os.path.dirname(folder) in _TEMP_DIRS and not os.listdir(folder):
                         os.rmdir(folder)
-        shm = {p for p in self.shm if os.path.isfile(p)}
+        # A file created and orphaned between two scans (a process killed right after making it) was
+        # never seen held; torch's own segments carry their creator's pid: `torch_<pid>_<...>`.
+        created = {path for pid in self.pids for path in glob.glob(f"/dev/shm/torch_{pid}_*")}
+        shm = {p for p in self.shm | created if os.path.isfile(p)}
         if shm:
             others = [p.pid for p in psutil.process_iter() if p.pid != os.getpid()]
             for path in sorted(shm - held_files(others)[1]):
