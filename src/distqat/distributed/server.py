@@ -132,14 +132,20 @@ class StageServer:
         )
         return [info for info in replicas[self.info.stage] if info.uid != self.info.uid]
 
+    async def _stage_peers_or_none(self) -> list[records.ServerInfo] | None:
+        """The other live replicas of this stage; None (and one log line) when the DHT cannot tell."""
+        try:
+            return await self._stage_peers()
+        except SwarmError as error:
+            logger.warning("could not read the replicas of '%s': %s", self.info.stage, error)
+            return None
+
     async def join_stage(self) -> None:
         """Before serving: take the state of the stage's most advanced live replica, if there is one."""
         if self.sync is None:
             return
-        try:
-            peers = await self._stage_peers()
-        except SwarmError as error:
-            logger.warning("could not look for replicas of '%s' to load state from: %s", self.info.stage, error)
+        peers = await self._stage_peers_or_none()
+        if peers is None:
             return
         if not peers:
             logger.info("first replica of '%s': starting from fresh weights", self.info.stage)
@@ -206,10 +212,8 @@ class StageServer:
             await asyncio.to_thread(stop.wait, self.config.network.heartbeat_period)
             if stop.is_set():
                 break
-            try:
-                peers = await self._stage_peers()
-            except SwarmError as error:
-                logger.warning("could not read the replicas of '%s': %s", self.info.stage, error)
+            peers = await self._stage_peers_or_none()
+            if peers is None:
                 continue
             self._syncing = True
             try:

@@ -65,7 +65,6 @@ class StageSync:
             outer_digest=self.diloco.outer_digest,
             allreduce_timeout=settings.averaging_timeout,
             state_provider=self._state_for_peer,
-            alone_allowed=lambda: self._partners == 0,
         )
 
     # --- progress ---

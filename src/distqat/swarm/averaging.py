@@ -203,9 +203,7 @@ class StageAverager:
         outer_digest: Callable[[], str],
         allreduce_timeout: float,
         state_provider: Callable[[], tuple[Any, list[torch.Tensor]]],
-        alone_allowed: Callable[[], bool] = lambda: True,
     ):
-        self._alone_allowed = alone_allowed  # False while other replicas of the stage are live
         self.dht, self.experiment_prefix, self.stage, self.uid = dht, experiment_prefix, stage, uid
         self.dht_timeout = dht_timeout
         self.matchmaking_time = matchmaking_time
@@ -258,9 +256,8 @@ class StageAverager:
             if control is not None and not control.done():
                 control.cancel()
             if "could not find a group" in str(error):
-                if self._alone_allowed():
-                    return AveragingResult(RoundStatus.ALONE, detail="no other replica of the stage is live")
-                # Applying alone while others are live would give this replica another θ₀ than theirs.
+                # The caller averages only while other replicas are live (alone, it applies its own
+                # pseudo-gradient without us): applying alone here would give this replica another θ₀.
                 return AveragingResult(RoundStatus.FAILED, detail="no other replica joined the round in time")
             self._publish(round_id, "", ok=False, digest="")
             return AveragingResult(RoundStatus.FAILED, detail=f"{type(error).__name__}: {error}")
