@@ -127,14 +127,24 @@ def test_router_bans_failed_replicas_for_ban_time() -> None:
     router = Router(["head"], ban_time=10.0, rng=random.Random(0), clock=clock)
     a, b = server("head", 0), server("head", 1)
     router.update({"head": [a, b]})
-    router.ban(a.uid)
+    router.ban(a)
     assert {router.pick("head").uid for _ in range(20)} == {b.uid}
-    router.ban(b.uid)
+    router.ban(b)
     with pytest.raises(NoReplicaError, match="all recently failed"):
         router.pick("head")
     assert not router.has_route()
     clock.now += 10.1
     assert router.has_route()
+
+
+def test_a_new_peer_with_a_banned_uid_is_not_banned() -> None:
+    router = Router(["head"], ban_time=10.0, clock=FakeClock())
+    dead = server("head", 0)
+    router.update({"head": [dead]})
+    router.ban(dead)
+    successor = dead.model_copy(update={"peer_id": "peer-new"})  # took the free replica index 0
+    router.update({"head": [successor]})
+    assert router.pick("head").peer_id == "peer-new"
 
 
 def test_router_weights_by_throughput_and_tries_unmeasured() -> None:
@@ -163,8 +173,8 @@ def test_router_reports_each_lost_replica_once() -> None:
     router = Router(["head"], ban_time=5.0, clock=clock, on_lost=lambda uid, why: lost.append((uid, why)))
     a, b = server("head", 0), server("head", 1)
     router.update({"head": [a, b]})
-    router.ban(a.uid)
-    router.ban(a.uid)  # still banned: not news
+    router.ban(a)
+    router.ban(a)  # still banned: not news
     router.update({"head": [b]})  # a leaves the DHT while banned: already lost
     router.update({"head": []})
     assert lost == [(a.uid, "failed a call"), (b.uid, "gone from the DHT")]

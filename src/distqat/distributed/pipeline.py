@@ -126,7 +126,7 @@ class RemotePipeline:
             result = await self.client.call(replica, method, [tensor], metadata, timeout)
             outputs = expect_tensors(result, replies, f"{method} of {replica.uid}")
         except StageCallError:
-            self.router.ban(replica.uid)
+            self.router.ban(replica)
             raise
         self.traffic.bytes_sent += result.bytes_sent
         self.traffic.bytes_received += result.bytes_received

@@ -428,7 +428,8 @@ async def serve_stages(
     try:
         while not stop.is_set():
             stage, expert_index = await asyncio.to_thread(choose_slot, config, dht, stage, expert_index)
-            server = await asyncio.to_thread(StageServer, config, dht, stage, expert_index)
+            # In this (main) thread: hivemind's averager installs signal handlers, which only the main thread may.
+            server = StageServer(config, dht, stage, expert_index)
             stage = await server.serve(stop, endpoint, ready_file)
             if stage is None:
                 break

@@ -17,9 +17,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from hivemind import DHT
@@ -139,6 +140,17 @@ async def evaluate_now(pipeline: Pipeline, held_out: HeldOut, progress: Progress
     )
 
 
+async def _unless_stopped(step: Coroutine[Any, Any, float], stop: threading.Event, poll_s: float = 0.2) -> float:
+    """Await `step`, cancelled as soon as `stop` is set: stopping must not wait for a call to a dead peer
+    to time out (its micro-batch is dropped; the replicas forget it)."""
+    task = asyncio.ensure_future(step)
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if stop.is_set() and not task.done():
+            task.cancel()
+    return task.result()  # raises CancelledError when cancelled
+
+
 async def train(
     pipeline: Pipeline,
     batches: Batches,
@@ -157,10 +169,16 @@ async def train(
     while not stop.is_set() and (max_steps <= 0 or progress.step < max_steps):
         progress.start_step()
         try:
-            loss = await pipeline.train_step(inputs, labels)
+            loss = await _unless_stopped(pipeline.train_step(inputs, labels), stop)
+        except asyncio.CancelledError:
+            if stop.is_set():
+                break
+            raise
         except (StageCallError, NoReplicaError) as error:
             progress.failures += 1
             progress.last_error = str(error)
+            if events is not None and isinstance(error, StageCallError):  # work done on this micro-batch is lost
+                events.emit("step_failed", step=progress.step + 1, error=str(error))
             # A failed call is news; waiting for a replica is logged once, then every 30 s.
             if isinstance(error, StageCallError) or waiting_since is None or time.monotonic() - waiting_since > 30:
                 logger.error("step %d failed: %s", progress.step + 1, error)

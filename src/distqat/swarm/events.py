@@ -27,7 +27,7 @@ class EventLog:
     def emit(self, event: str, **fields: Any) -> None:
         if self.path is None:
             return
-        line = json.dumps({"t": time.time(), "event": event, **fields})
+        line = json.dumps({"t": time.time(), "event": event, "pid": os.getpid(), **fields})
         with self._lock, self.path.open("a") as handle:  # one line per write: readers never see half a line
             handle.write(line + "\n")
 

@@ -16,6 +16,11 @@ from distqat.errors import NoReplicaError
 from distqat.swarm.records import ServerInfo
 
 
+def _ban_key(info: ServerInfo) -> str:
+    # The peer, not only the uid: a new server that takes a dead one's free replica index is not banned.
+    return f"{info.uid}@{info.peer_id}"
+
+
 def replica_weight(info: ServerInfo, default_rate: float) -> float:
     """Expected share of the work: announced samples/s (default for a replica that has not measured it yet)
     over the calls already queued on it."""
@@ -47,11 +52,12 @@ class Router:
         for uid in sorted(before - after):
             self._lost(uid, "gone from the DHT")
 
-    def ban(self, uid: str) -> None:
-        was_usable = self._banned_until.get(uid, 0.0) <= self._clock()
-        self._banned_until[uid] = self._clock() + self.ban_time
+    def ban(self, replica: ServerInfo) -> None:
+        key = _ban_key(replica)
+        was_usable = self._banned_until.get(key, 0.0) <= self._clock()
+        self._banned_until[key] = self._clock() + self.ban_time
         if was_usable:
-            self._lost(uid, "failed a call")
+            self._lost(replica.uid, "failed a call")
 
     def _lost(self, uid: str, why: str) -> None:
         if self._on_lost is not None:
@@ -59,7 +65,7 @@ class Router:
 
     def usable(self, stage: str) -> list[ServerInfo]:
         now = self._clock()
-        return [info for info in self._replicas.get(stage, []) if self._banned_until.get(info.uid, 0.0) <= now]
+        return [info for info in self._replicas.get(stage, []) if self._banned_until.get(_ban_key(info), 0.0) <= now]
 
     def pick(self, stage: str) -> ServerInfo:
         candidates = self.usable(stage)
