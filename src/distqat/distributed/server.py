@@ -444,6 +444,13 @@ async def serve_stages(
         await p2p.shutdown()
 
 
+def _warm_up_models(config: Config) -> None:
+    try:
+        build_pipeline_stage(config.model_pipeline, 0, config.data, config.seed)
+    except Exception as error:  # the real build reports it properly; this is only a head start
+        logger.debug("model warm-up failed: %s", error)
+
+
 def run_server(
     config: Config,
     stop: threading.Event,
@@ -452,7 +459,12 @@ def run_server(
     ready_file: Path | None = None,
 ) -> None:
     started = time.monotonic()
+    # Joining the DHT is mostly waiting for p2pd; meanwhile a thread pays the model code's first-use costs
+    # (lazy imports of torchvision/transformers), which would otherwise delay the server after it joined.
+    warm_up = threading.Thread(target=_warm_up_models, args=(config,), name="warm-up", daemon=True)
+    warm_up.start()
     dht = start_dht(config.network)
+    warm_up.join()
     logger.info("joined the DHT in %.1f s", time.monotonic() - started)
     try:
         asyncio.run(serve_stages(config, dht, stop, stage, expert_index, ready_file))
