@@ -9,6 +9,7 @@ bytes_sent / bytes_received).
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,7 +20,10 @@ from torch import nn
 from distqat.config import Config
 from distqat.distributed.optim import build_optimizer
 from distqat.errors import StageCallError
-from distqat.models import build_pipeline_stages
+from distqat.distributed.local_boundary import LocalBoundary
+from distqat.quant.scheme import boundary_quantizer
+from distqat.quant.stages import build_stages
+from distqat.swarm import boundary_codecs
 from distqat.swarm.records import ServerInfo
 from distqat.swarm.routing import Router
 from distqat.swarm.rpc import Method, StageClient, expect_tensors
@@ -59,23 +63,24 @@ class RemotePipeline:
         timeouts = self.config.model_pipeline
         micro_batch = str(next(self._ids))
         route: list[ServerInfo] = [self.router.pick(stage) for stage in self.router.stage_names]
-        activations = inputs
+        # A boundary's payload is relayed as it came (encoded, with its codec header): no hop adds error.
+        activations, header = inputs, None
         for replica in route:
-            (activations,) = await self._hop(
-                replica, "forward", activations, {"mb": micro_batch}, timeouts.forward_timeout, replies=1
+            (activations,), header = await self._hop(
+                replica, "forward", activations, _with_codec({"mb": micro_batch}, header), timeouts.forward_timeout, 1
             )
 
-        logits = activations.requires_grad_(True)
+        logits = boundary_codecs.decode(activations, header).requires_grad_(True)
         loss = loss_fn(logits, labels)
         loss.backward()
-        grad = logits.grad
+        grad, header = logits.grad, None
         for position in reversed(range(len(route))):
             want_grad = position > 0  # the first stage's input is data: its gradient is not needed
-            replies = await self._hop(
+            replies, header = await self._hop(
                 route[position],
                 "backward",
                 grad,
-                {"mb": micro_batch, "want_grad": want_grad},
+                _with_codec({"mb": micro_batch, "want_grad": want_grad}, header),
                 timeouts.backward_timeout,
                 replies=int(want_grad),
             )
@@ -85,23 +90,23 @@ class RemotePipeline:
 
     async def infer(self, inputs: torch.Tensor) -> torch.Tensor:
         micro_batch = f"eval-{next(self._ids)}"
-        activations = inputs
+        activations, header = inputs, None
         for stage in self.router.stage_names:
             replica = self.router.pick(stage)
-            (activations,) = await self._hop(
+            (activations,), header = await self._hop(
                 replica,
                 "forward",
                 activations,
-                {"mb": micro_batch, "eval": True},
+                _with_codec({"mb": micro_batch, "eval": True}, header),
                 self.config.model_pipeline.forward_timeout,
                 replies=1,
             )
-        return activations
+        return boundary_codecs.decode(activations, header)
 
     async def _hop(
         self, replica: ServerInfo, method: Method, tensor: torch.Tensor, metadata: dict, timeout: float, replies: int
-    ) -> list[torch.Tensor]:
-        """One call; a replica that fails it is avoided for a while."""
+    ) -> tuple[list[torch.Tensor], dict | None]:
+        """One call, returning the reply's tensors and their codec header; a replica that fails is avoided a while."""
         try:
             result = await self.client.call(replica, method, [tensor], metadata, timeout)
             outputs = expect_tensors(result, replies, f"{method} of {replica.uid}")
@@ -110,23 +115,38 @@ class RemotePipeline:
             raise
         self.traffic.bytes_sent += result.bytes_sent
         self.traffic.bytes_received += result.bytes_received
-        return outputs
+        return outputs, result.metadata.get("codec")
+
+
+def _with_codec(metadata: dict, header: dict | None) -> dict:
+    return metadata if header is None else {**metadata, "codec": header}
 
 
 class LocalPipeline:
-    """The same stages, optimisers and loss in this one process: the baseline the swarm is measured against."""
+    """The same stages, optimisers and loss in this one process: the baseline the swarm is measured against.
+
+    Quantisers and boundary encodings are those of the config, as on the servers (`LocalBoundary`)."""
 
     def __init__(self, config: Config):
-        self.stages: list[nn.Module] = [
-            stage.train() for stage in build_pipeline_stages(config.model_pipeline, config.data, config.seed)
-        ]
+        self.stages: list[nn.Module] = [stage.train() for stage in build_stages(config)]
         self.optimizers = [build_optimizer(stage.parameters(), config.diloco.inner_optim) for stage in self.stages]
         self.traffic = TrafficCounter()
+        names = config.model_pipeline.stage_names
+        self.boundaries = [
+            LocalBoundary(config.quant.boundary_for(name), partial(boundary_quantizer, stage))
+            for name, stage in zip(names[:-1], self.stages, strict=False)
+        ]
+
+    def _through(self, inputs: torch.Tensor, count: bool) -> torch.Tensor:
+        activations = inputs
+        for position, stage in enumerate(self.stages):
+            activations = stage(activations)
+            if position < len(self.boundaries):
+                activations = self.boundaries[position].carry(activations, count)
+        return activations
 
     async def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-        activations = inputs
-        for stage in self.stages:
-            activations = stage(activations)
+        activations = self._through(inputs, count=True)
         loss = loss_fn(activations, labels)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -140,9 +160,7 @@ class LocalPipeline:
             stage.eval()
         try:
             with torch.no_grad():
-                activations = inputs
-                for stage in self.stages:
-                    activations = stage(activations)
+                activations = self._through(inputs, count=False)
         finally:
             for stage in self.stages:
                 stage.train()
