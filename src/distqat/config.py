@@ -207,7 +207,9 @@ class QuantScheme(Section):
     skip_first: bool = Field(True, description="keep the model's first quantisable layer in full precision (LSQ)")
     skip_last: bool = Field(True, description="keep the model's last quantisable layer in full precision (LSQ)")
     skip: list[str] = Field(
-        default_factory=list, description="module names (fnmatch patterns, e.g. 'layer4.*') kept in full precision"
+        default_factory=list,
+        description="names of modules within the stage, as print(stage) shows them (fnmatch patterns, e.g. "
+        "'3.*'), kept in full precision",
     )
 
 
@@ -240,14 +242,17 @@ class QuantConfig(QuantScheme):
         False, description="LSQ quantization-aware training (--disable-quant turns it and 'codes' boundaries off)"
     )
     stages: dict[str, QuantStageOverride] = Field(
-        default_factory=dict, description="per-stage overrides of the scheme, keyed by stage name"
+        default_factory=dict,
+        description="per-stage overrides of the scheme, keyed by stage name, e.g. {tail: {weight_bits: 4}} (fields: "
+        "weight_bits, activation_bits, layer_types, per_channel_weights, skip_first, skip_last, skip)",
     )
     boundary: BoundaryConfig = Field(
         default_factory=BoundaryConfig, description="wire encoding of every stage boundary (see boundaries)"
     )
     boundaries: dict[str, BoundaryConfig] = Field(
         default_factory=dict,
-        description="per-boundary encodings, keyed by the name of the stage that sends the activations",
+        description="per-boundary encodings, keyed by the name of the stage that sends the activations, e.g. "
+        "{head: {activations: codes, bits: 4, gradients: fp16}}",
     )
 
     def scheme_for(self, stage_name: str) -> QuantScheme:

@@ -38,8 +38,12 @@ def save_stage_states(directory: Path, config: Config, stages: dict[int, nn.Modu
         tensors = {key: value.detach().cpu().contiguous().clone() for key, value in module.state_dict().items()}
         save_file(tensors, str(directory / file))
         entries.append(
-            {"index": index, "name": names[index], "model_name": config.model_pipeline.pipeline[index].model_name,
-             "file": file}
+            {
+                "index": index,
+                "name": names[index],
+                "model_name": config.model_pipeline.pipeline[index].model_name,
+                "file": file,
+            }
         )
     manifest = {"format": FORMAT, "version": VERSION, "config": config.model_dump(mode="json"), "stages": entries}
     path = directory / "manifest.json"

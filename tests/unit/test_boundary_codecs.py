@@ -73,5 +73,7 @@ def test_bad_payloads_are_refused() -> None:
     with pytest.raises(boundary_codecs.CodecError, match="unknown boundary codec"):
         boundary_codecs.decode(payload, {"codec": "zip"})
     with pytest.raises(boundary_codecs.CodecError, match="bad step"):
-        boundary_codecs.decode(torch.zeros(5, dtype=torch.uint8), {"codec": "codes", "bits": 8, "signed": False,
-                                                                   "step": -1.0, "shape": [5]})
+        boundary_codecs.decode(
+            torch.zeros(5, dtype=torch.uint8),
+            {"codec": "codes", "bits": 8, "signed": False, "step": -1.0, "shape": [5]},
+        )

@@ -23,7 +23,7 @@ def test_ranges() -> None:
     assert quant_range(2, signed=False) == (0, 3)
     assert quant_range(4, signed=True) == (8, 7)
     assert quant_range(8, signed=False) == (0, 255)
-    with pytest.raises(ValueError, match="2..8"):
+    with pytest.raises(ValueError, match=r"2\.\.8"):
         quant_range(9, signed=True)
 
 

@@ -9,8 +9,8 @@ bytes_sent / bytes_received).
 from __future__ import annotations
 
 import itertools
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distqat.config import Config
+from distqat.distributed.local_boundary import LocalBoundary
 from distqat.distributed.optim import build_optimizer
 from distqat.errors import StageCallError
-from distqat.distributed.local_boundary import LocalBoundary
 from distqat.quant.scheme import boundary_quantizer
 from distqat.quant.stages import build_stages
 from distqat.swarm import boundary_codecs

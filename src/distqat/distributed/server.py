@@ -68,7 +68,9 @@ class StageServer:
         names = config.model_pipeline.stage_names
         last = self.stage_index == len(names) - 1
         self.output_codec = "none" if last else config.quant.boundary_for(stage_name).activations
-        self.grad_codec = "none" if self.stage_index == 0 else config.quant.boundary_for(names[self.stage_index - 1]).gradients
+        self.grad_codec = (
+            "none" if self.stage_index == 0 else config.quant.boundary_for(names[self.stage_index - 1]).gradients
+        )
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
         self._window_start, self._window_samples = time.monotonic(), 0
         self._syncing = False  # a DiLoCo round or state download holds the compute thread

@@ -116,7 +116,9 @@ class IntegerLayer(nn.Module):
         zero = self.input_zero_point.double()
         codes = torch.clamp(torch.round(x.double() / self.input_step.double()) + zero, -self.input_qn, self.input_qp)
         codes = codes - zero
-        weights = self.weight_int.double() - self.weight_zero_point.double().reshape(-1, *[1] * (self.weight_int.dim() - 1))
+        weights = self.weight_int.double() - self.weight_zero_point.double().reshape(
+            -1, *[1] * (self.weight_int.dim() - 1)
+        )
         # Integer x integer products summed in float64: exact (|sum| < 2^53 for any layer we build).
         if self.kind == "Linear":
             accumulated = F.linear(codes, weights)
@@ -165,17 +167,26 @@ def load_exported(directory: Path) -> tuple[Config, list[nn.Module]]:
             parent_name, _, child_name = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, child_name, IntegerLayer(parent.get_submodule(child_name), tensors, name, info))
-        layer_keys = {f"{name}.{key}" for name in entry["layers"] for key in (
-            "weight_int", "weight_step", "weight_zero_point", "input_step", "input_zero_point", "bias")}
+        layer_keys = {
+            f"{name}.{key}"
+            for name in entry["layers"]
+            for key in ("weight_int", "weight_step", "weight_zero_point", "input_step", "input_zero_point", "bias")
+        }
         floats = {k: v for k, v in tensors.items() if k not in layer_keys and not k.startswith("boundary.")}
         missing, unexpected = module.load_state_dict(floats, strict=False)
         missing = [key for key in missing if not _is_integer_buffer(key, entry["layers"])]
         if missing or unexpected:
-            raise ConfigError(f"{entry['file']}: does not fit stage '{entry['name']}' (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+            raise ConfigError(
+                f"{entry['file']}: does not fit stage '{entry['name']}' (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
         if entry["output"] is not None:
-            output = IntegerOutput(tensors["boundary.step"], tensors["boundary.zero_point"],
-                                   entry["output"]["bits"], entry["output"]["signed"])
+            output = IntegerOutput(
+                tensors["boundary.step"],
+                tensors["boundary.zero_point"],
+                entry["output"]["bits"],
+                entry["output"]["signed"],
+            )
             module = nn.Sequential(module, output)
         stages.append(module.eval())
     return config, stages

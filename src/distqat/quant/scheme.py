@@ -152,8 +152,8 @@ def quantizers(module: nn.Module) -> Iterator[LSQQuantizer]:
 
 def needs_calibration(module: nn.Module) -> bool:
     return any(
-        isinstance(child, QuantizedLayer) and child.input_quantizer is None
-        or isinstance(child, BoundaryQuantizer) and child.quantizer is None
+        (isinstance(child, QuantizedLayer) and child.input_quantizer is None)
+        or (isinstance(child, BoundaryQuantizer) and child.quantizer is None)
         for child in module.modules()
     )
 
@@ -161,7 +161,10 @@ def needs_calibration(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def _calibrating(modules: list[nn.Module]) -> Iterator[None]:
     pending = [
-        child for module in modules for child in module.modules() if isinstance(child, QuantizedLayer | BoundaryQuantizer)
+        child
+        for module in modules
+        for child in module.modules()
+        if isinstance(child, QuantizedLayer | BoundaryQuantizer)
     ]
     for child in pending:
         child._calibrating = True

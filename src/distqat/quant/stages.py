@@ -27,9 +27,7 @@ def prepare_stage(config: Config, index: int, module: nn.Module) -> list[str]:
     quant, name = config.quant, names[index]
     quantized: list[str] = []
     if quant.enable:
-        quantized = quantize_stage(
-            module, quant.scheme_for(name), name, first=index == 0, last=index == len(names) - 1
-        )
+        quantized = quantize_stage(module, quant.scheme_for(name), name, first=index == 0, last=index == len(names) - 1)
     if index < len(names) - 1:
         boundary = quant.boundary_for(name)
         if boundary.activations == "codes":
