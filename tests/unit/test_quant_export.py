@@ -101,7 +101,7 @@ def test_exported_weights_are_integers_in_range(tmp_path: Path) -> None:
 def test_export_refuses_what_it_cannot_export(tmp_path: Path) -> None:
     config = load_config(TINY)
     save_stage_states(tmp_path / "plain", config, dict(enumerate(LocalPipeline(config).stages)))
-    with pytest.raises(ConfigError, match="trained with quant.enable false"):
+    with pytest.raises(ConfigError, match=r"trained with quant\.enable false"):
         export_checkpoint(tmp_path / "plain", tmp_path / "out")
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
     assert result.exit_code == 1
