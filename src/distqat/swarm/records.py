@@ -50,6 +50,7 @@ class ServerInfo(Record):
     samples: int = 0  # samples it has trained on (backward passes)
     steps: int = 0  # inner optimiser steps
     samples_per_s: float = 0.0  # recent training throughput
+    queue: int = 0  # calls waiting for or holding its compute thread at the heartbeat
     weights_digest: float = 0.0  # sum of all parameters: tells at a glance whether (and how) weights moved
     started_at: float = 0.0  # unix time
     updated_at: float = 0.0  # unix time of this heartbeat
