@@ -175,16 +175,28 @@ def dry_run_command(
     _run(body)
 
 
-@app.command("export")
+@app.command("export", context_settings=OVERRIDES)
 def export_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="stage-state folder (`distqat baseline --save-state`)"),
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(
+        ...,
+        "--checkpoint",
+        help="stage-state folder (`distqat baseline --save-state`), or a swarm's checkpoint folder with --config",
+    ),
     out: Path = typer.Option(..., "--out", help="folder to write the integer model to"),
+    config_path: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="the run's config, for a swarm checkpoint folder (a stage-state folder has its own)",
+    ),
 ) -> None:
     """Export a quantisation-aware trained model: integer weights, steps, zero points, and a JSON manifest."""
     from distqat.quant.export import export_checkpoint
 
     def body(stop: threading.Event) -> None:
-        manifest = export_checkpoint(checkpoint, out)
+        config = _load(config_path, ctx) if config_path is not None else None
+        manifest = export_checkpoint(checkpoint, out, config)
         typer.echo(f"exported {checkpoint} to {out} (manifest: {manifest})")
 
     _run(body)

@@ -55,7 +55,10 @@ def read_manifest(directory: Path) -> tuple[Config, list[dict[str, Any]]]:
     """The config and the stage entries of a stage-state folder; one-line ConfigError if it is not one."""
     path = Path(directory) / "manifest.json"
     if not path.is_file():
-        raise ConfigError(f"--checkpoint {directory}: no manifest.json (not a stage-state folder)")
+        raise ConfigError(
+            f"--checkpoint {directory}: no manifest.json (not a stage-state folder; a swarm's checkpoint folder "
+            "needs --config)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:

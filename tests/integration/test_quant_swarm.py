@@ -18,6 +18,30 @@ QUANT_ON = [
 ]  # fmt: skip
 
 
+def check_export_of_the_swarms_checkpoints(log_dir: Path, out: Path) -> None:
+    """`distqat export` of the servers' own checkpoints gives integer stages that compute what they computed."""
+    import torch
+
+    from distqat.config import load_config
+    from distqat.quant.export import load_exported
+
+    run = subprocess.run(
+        [sys.executable, "-m", "distqat", "export", "--checkpoint", str(log_dir / "checkpoints"), "--out", str(out),
+         "--config", str(TINY), *QUANT_ON],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    config, integer_stages = load_exported(out)
+    assert config.quant.enable
+    inputs = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        outputs = integer_stages[1](integer_stages[0](inputs))
+    assert outputs.shape == (4, 10) and torch.isfinite(outputs).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all("ckpt-" in stage["checkpoint"] for stage in manifest["stages"])
+    assert manifest["stages"][0]["output"]["bits"] == 4  # the head's 4-bit boundary
+
+
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Debian's dataset-fashion-mnist"
 )
@@ -42,6 +66,7 @@ def test_two_stage_swarm_trains_with_quantisation_on_and_off(tmp_path: Path, qua
     if quant == "on":
         assert "stage tail: 1 quantised layers" in servers_log
         assert per_sample < 28 * 28 * 4 + 200
+        check_export_of_the_swarms_checkpoints(log_dir, tmp_path / "export")
     else:
         assert "quantised layers" not in servers_log
         assert per_sample > 28 * 28 * 4 + 500

@@ -76,19 +76,52 @@ def export_stage(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, {"layers": layers, "output": output}
 
 
-def export_checkpoint(checkpoint: Path, out: Path) -> Path:
-    """Export every stage of a stage-state folder; returns the written manifest's path."""
+def _load_swarm_checkpoints(root: Path, config: Config, stages: list[nn.Module]) -> list[dict[str, Any]]:
+    """Load every stage's newest swarm checkpoint (`<root>/<stage>/ckpt-*`) that fits; entries like a manifest's."""
+    from safetensors import SafetensorError
+
+    from distqat.checkpoints import StageCheckpoints, join_tensors
+
+    entries = []
+    for index, (name, module) in enumerate(zip(config.model_pipeline.stage_names, stages, strict=True)):
+        loaded = None
+        for checkpoint in StageCheckpoints(root, name, fingerprint="").list():
+            try:
+                state = join_tensors(checkpoint.manifest["state"], load_file(str(checkpoint.tensors_path)))
+                module.load_state_dict(state["module"])
+            except (OSError, SafetensorError, KeyError, TypeError, RuntimeError):
+                continue  # another model, a cut that differs, or a truncated file: try the one before
+            loaded = checkpoint.path
+            break
+        if loaded is None:
+            raise ConfigError(f"--checkpoint {root}: no checkpoint of stage '{name}' in {root / name} fits this config")
+        model_name = config.model_pipeline.pipeline[index].model_name
+        entries.append({"index": index, "name": name, "model_name": model_name, "file": f"{name}.safetensors",
+                        "checkpoint": str(loaded)})  # fmt: skip
+    return entries
+
+
+def export_checkpoint(checkpoint: Path, out: Path, config: Config | None = None) -> Path:
+    """Export every stage of a stage-state folder (its manifest holds the config), or of a swarm's checkpoint
+    folder (`<checkpoint_dir>/<stage>/ckpt-*`, with the run's `config`); returns the written manifest's path."""
     from distqat.quant.stages import build_stages
 
-    config, entries = read_manifest(checkpoint)
+    if (Path(checkpoint) / "manifest.json").is_file() or config is None:
+        config, entries = read_manifest(checkpoint)
+    else:
+        entries = []
     if not config.quant.enable:
         raise ConfigError(f"--checkpoint {checkpoint}: trained with quant.enable false: nothing to export as integers")
     stages = build_stages(config)
+    if entries:
+        for entry in entries:
+            load_stage_state(checkpoint, entry, stages[entry["index"]])
+    else:
+        entries = _load_swarm_checkpoints(Path(checkpoint), config, stages)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for entry in entries:
         module = stages[entry["index"]]
-        load_stage_state(checkpoint, entry, module)
         tensors, info = export_stage(module.eval())
         save_file(tensors, str(out / entry["file"]))
         written.append({**entry, **info})
