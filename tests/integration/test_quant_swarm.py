@@ -22,7 +22,6 @@ def check_export_of_the_swarms_checkpoints(log_dir: Path, out: Path) -> None:
     """`distqat export` of the servers' own checkpoints gives integer stages that compute what they computed."""
     import torch
 
-    from distqat.config import load_config
     from distqat.quant.export import load_exported
 
     run = subprocess.run(
