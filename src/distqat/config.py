@@ -188,7 +188,7 @@ def _refuse_unbuilt(feature: str):
     return field_validator("enable")(refuse)
 
 
-QuantLayerType = Literal["Linear", "Conv1d", "Conv2d"]
+QuantLayerType = Literal["Linear", "Conv1d", "Conv2d", "Conv1D"]
 BoundaryActivations = Literal["none", "fp16", "int8", "codes"]
 BoundaryGradients = Literal["none", "fp16", "int8"]
 
@@ -199,9 +199,9 @@ class QuantScheme(Section):
     weight_bits: int = Field(8, ge=2, le=8, description="bits of every quantised layer's weights (2..8)")
     activation_bits: int = Field(8, ge=2, le=8, description="bits of every quantised layer's input activations (2..8)")
     layer_types: list[QuantLayerType] = Field(
-        default_factory=lambda: ["Conv2d", "Linear"],
+        default_factory=lambda: ["Conv2d", "Linear", "Conv1D"],
         min_length=1,
-        description="layer types that get quantisers (Linear, Conv1d, Conv2d)",
+        description="layer types that get quantisers (Linear, Conv1d, Conv2d, and Conv1D: transformers' GPT-2 layer)",
     )
     per_channel_weights: bool = Field(True, description="one weight step per output channel (false: per tensor)")
     skip_first: bool = Field(True, description="keep the model's first quantisable layer in full precision (LSQ)")

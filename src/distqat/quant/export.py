@@ -149,12 +149,18 @@ class IntegerLayer(nn.Module):
         zero = self.input_zero_point.double()
         codes = torch.clamp(torch.round(x.double() / self.input_step.double()) + zero, -self.input_qn, self.input_qp)
         codes = codes - zero
-        weights = self.weight_int.double() - self.weight_zero_point.double().reshape(
-            -1, *[1] * (self.weight_int.dim() - 1)
-        )
+        if self.kind == "Conv1D":  # transformers' GPT-2 layer: weight [in, out], channels on dim 1
+            weights = self.weight_int.double() - self.weight_zero_point.double().reshape(1, -1)
+        else:
+            weights = self.weight_int.double() - self.weight_zero_point.double().reshape(
+                -1, *[1] * (self.weight_int.dim() - 1)
+            )
         # Integer x integer products summed in float64: exact (|sum| < 2^53 for any layer we build).
         if self.kind == "Linear":
             accumulated = F.linear(codes, weights)
+            channel_shape = [-1]
+        elif self.kind == "Conv1D":
+            accumulated = (codes.reshape(-1, codes.shape[-1]) @ weights).view(*codes.shape[:-1], weights.shape[1])
             channel_shape = [-1]
         else:
             accumulated = self.like._conv_forward(codes, weights, None)

@@ -28,6 +28,19 @@ from distqat.quant.lsq import LSQQuantizer
 LAYER_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
 
 
+def layer_class(name: str) -> type[nn.Module]:
+    """The module class of a `quant.layer_types` name; `Conv1D` is transformers' GPT-2 layer (weight [in, out])."""
+    if name == "Conv1D":
+        from transformers.pytorch_utils import Conv1D  # imported only when a scheme names it
+
+        return Conv1D
+    return LAYER_TYPES[name]
+
+
+def _is_hf_conv1d(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Conv1D"
+
+
 class QuantizedLayer(nn.Module):
     """A Linear/Conv layer whose weight and input are fake-quantised with LSQ."""
 
@@ -35,9 +48,9 @@ class QuantizedLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.activation_bits = activation_bits
-        out_channels = layer.weight.shape[0]
+        out_dim = 1 if _is_hf_conv1d(layer) else 0  # transformers' Conv1D stores its weight as [in, out]
         self.weight_quantizer = LSQQuantizer(
-            weight_bits, signed=True, channel_dim=0 if per_channel else None, channels=out_channels
+            weight_bits, signed=True, channel_dim=out_dim if per_channel else None, channels=layer.weight.shape[out_dim]
         )
         self.weight_quantizer.initialise(layer.weight)
         # Created by `calibrate`, which sees the first input and so its sign.
@@ -52,6 +65,9 @@ class QuantizedLayer(nn.Module):
         layer = self.layer
         if isinstance(layer, nn.Linear):
             return F.linear(x, weight, layer.bias)
+        if _is_hf_conv1d(layer):
+            flat = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), weight)
+            return flat.view(*x.shape[:-1], weight.shape[1])
         return layer._conv_forward(x, weight, layer.bias)  # Conv1d / Conv2d, with their padding modes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,16 +88,19 @@ def quantize_stage(module: nn.Module, scheme: QuantScheme, stage_name: str, firs
     """Replace the layers the scheme selects by QuantizedLayers, in place; returns their names.
 
     `first`/`last`: this stage holds the model's first/last layer (skipped when the scheme says so).
-    A scheme whose layer types name no layer of the stage is a ConfigError: it would quantise nothing.
+    A scheme whose layer types name none of the stage's Linear/Conv layers is a ConfigError: it would quantise
+    nothing. A stage with no such layer at all (an embeddings-only head) is left as it is.
     """
-    types = tuple(LAYER_TYPES[name] for name in scheme.layer_types)
+    types = tuple(layer_class(name) for name in scheme.layer_types)
     layers = _named_layers(module, types)
     if not layers:
-        present = sorted({type(child).__name__ for child in module.modules()} & set(LAYER_TYPES))
-        raise ConfigError(
-            f"quant.layer_types {scheme.layer_types} name no layer of stage '{stage_name}' "
-            f"(it has: {', '.join(present) or 'no Linear, Conv1d or Conv2d layer'})"
-        )
+        present = sorted({type(child).__name__ for child in module.modules()} & {*LAYER_TYPES, "Conv1D"})
+        if present:  # the scheme names the wrong types for this stage
+            raise ConfigError(
+                f"quant.layer_types {scheme.layer_types} name no layer of stage '{stage_name}' "
+                f"(it has: {', '.join(present)})"
+            )
+        return []  # nothing quantisable here (an embeddings-only stage): nothing to do
     skipped = set()
     if first and scheme.skip_first:
         skipped.add(layers[0][0])
