@@ -106,7 +106,7 @@ def test_export_refuses_what_it_cannot_export(tmp_path: Path) -> None:
         export_checkpoint(tmp_path / "plain", tmp_path / "out")
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
     assert result.exit_code == 1
-    assert "no manifest.json (not a stage-state folder)" in result.output
+    assert "no manifest.json (not a stage-state folder; a swarm's checkpoint folder needs --config)" in result.output
 
 
 def test_gpt2_conv1d_layers_are_quantised_and_exported(tmp_path: Path) -> None:
