@@ -38,7 +38,9 @@ SummaryOption = typer.Option(
 
 
 def _load(config_path: Path | None, ctx: typer.Context) -> Config:
-    return load_config(config_path, ctx.args)
+    # `--disable-quant` (any command): LSQ quantisers and `codes` boundaries off, whatever the config says.
+    args = ["--quant.enable=false" if arg == "--disable-quant" else arg for arg in ctx.args]
+    return load_config(config_path, args)
 
 
 def _run(body: Callable[[threading.Event], Any]) -> Any:
@@ -137,12 +139,15 @@ def baseline(
     config_path: Path = ConfigOption,
     max_steps: int = typer.Option(100, "--max-steps", min=0, help="steps to train (0: until Ctrl+C)"),
     summary: Path = SummaryOption,
+    save_state: Path = typer.Option(
+        None, "--save-state", help="write the trained stages here (safetensors + manifest.json; `distqat export` input)"
+    ),
 ) -> None:
     """Train the same model, data and optimiser in this one process (what the swarm is measured against)."""
     from distqat.distributed.trainer import run_baseline
 
     def body(config: Config, stop: threading.Event) -> None:
-        _finish_launch(run_baseline(config, max_steps, stop, summary), stop)
+        _finish_launch(run_baseline(config, max_steps, stop, summary, save_state), stop)
 
     _role("baseline", config_path, ctx, body)
 
@@ -166,6 +171,33 @@ def dry_run_command(
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(report.to_json(), indent=2))
+
+    _run(body)
+
+
+@app.command("export", context_settings=OVERRIDES)
+def export_command(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(
+        ...,
+        "--checkpoint",
+        help="stage-state folder (`distqat baseline --save-state`), or a swarm's checkpoint folder with --config",
+    ),
+    out: Path = typer.Option(..., "--out", help="folder to write the integer model to"),
+    config_path: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="the run's config, for a swarm checkpoint folder (a stage-state folder has its own)",
+    ),
+) -> None:
+    """Export a quantisation-aware trained model: integer weights, steps, zero points, and a JSON manifest."""
+    from distqat.quant.export import export_checkpoint
+
+    def body(stop: threading.Event) -> None:
+        config = _load(config_path, ctx) if config_path is not None else None
+        manifest = export_checkpoint(checkpoint, out, config)
+        typer.echo(f"exported {checkpoint} to {out} (manifest: {manifest})")
 
     _run(body)
 

@@ -188,10 +188,87 @@ def _refuse_unbuilt(feature: str):
     return field_validator("enable")(refuse)
 
 
-class QuantConfig(Section):
-    enable: bool = Field(False, description="LSQ quantization-aware training")
+QuantLayerType = Literal["Linear", "Conv1d", "Conv2d", "Conv1D"]
+BoundaryActivations = Literal["none", "fp16", "int8", "codes"]
+BoundaryGradients = Literal["none", "fp16", "int8"]
 
-    _not_built_yet = _refuse_unbuilt("quantization-aware training")
+
+class QuantScheme(Section):
+    """Which layers of a stage get LSQ quantisers, and at how many bits (distqat.quant.scheme)."""
+
+    weight_bits: int = Field(8, ge=2, le=8, description="bits of every quantised layer's weights (2..8)")
+    activation_bits: int = Field(8, ge=2, le=8, description="bits of every quantised layer's input activations (2..8)")
+    layer_types: list[QuantLayerType] = Field(
+        default_factory=lambda: ["Conv2d", "Linear", "Conv1D"],
+        min_length=1,
+        description="layer types that get quantisers (Linear, Conv1d, Conv2d, and Conv1D: transformers' GPT-2 layer)",
+    )
+    per_channel_weights: bool = Field(True, description="one weight step per output channel (false: per tensor)")
+    skip_first: bool = Field(True, description="keep the model's first quantisable layer in full precision (LSQ)")
+    skip_last: bool = Field(True, description="keep the model's last quantisable layer in full precision (LSQ)")
+    skip: list[str] = Field(
+        default_factory=list,
+        description="names of modules within the stage, as print(stage) shows them (fnmatch patterns, e.g. "
+        "'3.*'), kept in full precision",
+    )
+
+
+class QuantStageOverride(Section):
+    """Per-stage changes to the quant scheme; unset fields keep the section's value."""
+
+    weight_bits: int | None = Field(None, ge=2, le=8)
+    activation_bits: int | None = Field(None, ge=2, le=8)
+    layer_types: list[QuantLayerType] | None = Field(None, min_length=1)
+    per_channel_weights: bool | None = None
+    skip_first: bool | None = None
+    skip_last: bool | None = None
+    skip: list[str] | None = None
+
+
+class BoundaryConfig(Section):
+    """How one stage boundary's traffic is encoded on the wire (distqat.swarm.boundary_codecs)."""
+
+    activations: BoundaryActivations = Field(
+        "none",
+        description="encoding of the stage's output: none (fp32), fp16, int8 (blockwise absmax), or codes (the "
+        "output is LSQ-quantised to `bits` and sent as bit-packed integer codes plus the step; needs quant.enable)",
+    )
+    gradients: BoundaryGradients = Field("none", description="encoding of the gradient sent back over the boundary")
+    bits: int = Field(8, ge=2, le=8, description="bits of the stage's output quantiser when activations is codes")
+
+
+class QuantConfig(QuantScheme):
+    enable: bool = Field(
+        False, description="LSQ quantization-aware training (--disable-quant turns it and 'codes' boundaries off)"
+    )
+    stages: dict[str, QuantStageOverride] = Field(
+        default_factory=dict,
+        description="per-stage overrides of the scheme, keyed by stage name, e.g. {tail: {weight_bits: 4}} (fields: "
+        "weight_bits, activation_bits, layer_types, per_channel_weights, skip_first, skip_last, skip)",
+    )
+    boundary: BoundaryConfig = Field(
+        default_factory=BoundaryConfig, description="wire encoding of every stage boundary (see boundaries)"
+    )
+    boundaries: dict[str, BoundaryConfig] = Field(
+        default_factory=dict,
+        description="per-boundary encodings, keyed by the name of the stage that sends the activations, e.g. "
+        "{head: {activations: codes, bits: 4, gradients: fp16}}",
+    )
+
+    def scheme_for(self, stage_name: str) -> QuantScheme:
+        """The scheme of one stage: the section's fields with the stage's overrides applied."""
+        fields = {name: getattr(self, name) for name in QuantScheme.model_fields}
+        override = self.stages.get(stage_name)
+        if override is not None:
+            fields.update(override.model_dump(exclude_none=True))
+        return QuantScheme.model_validate(fields)
+
+    def boundary_for(self, stage_name: str) -> BoundaryConfig:
+        """The encoding of the boundary after `stage_name`; `codes` only while quantisation is on."""
+        boundary = self.boundaries.get(stage_name, self.boundary)
+        if boundary.activations == "codes" and not self.enable:
+            return boundary.model_copy(update={"activations": "none"})
+        return boundary
 
 
 class ParamMirrorConfig(Section):
@@ -305,6 +382,23 @@ class Config(Section):
             raise ValueError(f"'{value}' is not one of auto, cpu, cuda, cuda:N, mps")
         return value
 
+    @model_validator(mode="after")
+    def _quant_stages_exist(self) -> Config:
+        names = self.model_pipeline.stage_names
+        for field, keys, allowed in (
+            ("quant.stages", self.quant.stages, names),
+            ("quant.boundaries", self.quant.boundaries, names[:-1]),  # the last stage's output goes to the loss
+        ):
+            for key in keys:
+                if key not in allowed:
+                    raise ValueError(
+                        f"{field}.{key}: not a stage boundary of model_pipeline (stages with a boundary after them: "
+                        f"{', '.join(allowed) or 'none'})"
+                        if field == "quant.boundaries"
+                        else f"{field}.{key}: not a stage of model_pipeline (stages: {', '.join(allowed)})"
+                    )
+        return self
+
     @property
     def resolved_log_dir(self) -> Path:
         return Path(self.log_dir) if self.log_dir else Path("logs") / self.experiment_prefix
@@ -371,7 +465,8 @@ def format_validation_error(error: ValidationError) -> str:
             message = "unknown field"
         elif "input" in item and not isinstance(item["input"], dict | list):
             message = f"{message} (got {item['input']!r})"
-        parts.append(f"{field}: {message}")
+        # A whole-config check (loc empty) names its fields in its message.
+        parts.append(f"{field}: {message}" if item["loc"] else message)
     return "; ".join(parts)
 
 

@@ -2,7 +2,7 @@
 
 The batch travels as it does in a swarm: each stage gets a detached copy of the previous stage's output,
 the trainer's loss runs on the last output, and gradients go back stage by stage. The report lists each
-stage's parameters, output shape and bytes per sample at its boundary (float32, as the wire carries it),
+stage's parameters, output shape and bytes per sample at its boundary (as its `quant` boundary encodes it),
 so a config's cut and its traffic are known before any machine is started. Any mismatch (a stage that
 cannot take its predecessor's output, labels the loss cannot use, a stage without gradients) is a
 ModelError naming the stage.
@@ -18,10 +18,13 @@ from torch import nn
 
 from distqat.config import Config
 from distqat.errors import ModelError
-from distqat.models import build_pipeline_stages, get_stage_entry, prepare_pipeline, stage_ranges
+from distqat.models import get_stage_entry, prepare_pipeline, stage_ranges
 from distqat.models.family import BuildContext, StageModule
+from distqat.quant.scheme import boundary_quantizer
+from distqat.quant.stages import build_stages
+from distqat.swarm import boundary_codecs
 
-WIRE_BYTES_PER_ELEMENT = 4  # servers send activations and gradients as float32
+WIRE_BYTES_PER_ELEMENT = 4  # float32: the last stage's output, and every boundary without a `quant` codec
 
 
 @dataclass
@@ -97,7 +100,8 @@ def dry_run(config: Config, batch_size: int = 2) -> DryRunReport:
 
     prepare_pipeline(config.model_pipeline)
     spans = stage_ranges(config.model_pipeline, config.data)
-    stages = [stage.train() for stage in build_pipeline_stages(config.model_pipeline, config.data, config.seed)]
+    # With their LSQ quantisers, as servers build them (a scheme that names no layer of a stage fails here).
+    stages = [stage.train() for stage in build_stages(config)]
     pipeline = config.model_pipeline.pipeline
     inputs = sample_input(config, batch_size)
     boundary_inputs: list[torch.Tensor] = []
@@ -154,7 +158,7 @@ def dry_run(config: Config, batch_size: int = 2) -> DryRunReport:
                 unit_names=_unit_label(stage, config, index),
                 params=sum(p.numel() for p in params),
                 output_shape=list(output.shape),
-                boundary_bytes_per_sample=output[0].numel() * WIRE_BYTES_PER_ELEMENT,
+                boundary_bytes_per_sample=_boundary_bytes(config, index, stage, output),
                 forward_backward_s=timings[index],
             )
         )
@@ -165,6 +169,16 @@ def dry_run(config: Config, batch_size: int = 2) -> DryRunReport:
         input_shape=list(inputs.shape),
         loss=float(loss.detach()),
     )
+
+
+def _boundary_bytes(config: Config, index: int, stage: nn.Module, output: torch.Tensor) -> int:
+    """Payload bytes of one sample's output as the boundary's codec encodes it (float32 after the last stage)."""
+    names = config.model_pipeline.stage_names
+    if index == len(names) - 1:
+        return output[0].numel() * WIRE_BYTES_PER_ELEMENT
+    codec = config.quant.boundary_for(names[index]).activations
+    payload, _ = boundary_codecs.encode(output[:1].detach(), codec, boundary_quantizer(stage))
+    return payload.numel() * payload.element_size()
 
 
 def _first_line(error: BaseException) -> str:

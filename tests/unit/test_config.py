@@ -80,7 +80,7 @@ def test_bare_flag_means_true() -> None:
         ("model_pipeline:\n  pipeline:\n    - model_name: a.x\n    - model_name: b.x\n", "stage names must be unique"),
         ("data: {}\n", "model_pipeline: Field required"),
         (MINIMAL + "device: tpu\n", "device: 'tpu' is not one of"),
-        (MINIMAL + "quant:\n  enable: true\n", "quant.enable"),
+        (MINIMAL + "quant:\n  weight_bits: 9\n", "quant.weight_bits: Input should be less than or equal to 8"),
     ],
 )
 def test_bad_files_fail_with_one_line_naming_file_and_field(tmp_path: Path, text: str, expected: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -18,9 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from distqat.config import Config
+from distqat.distributed.local_boundary import LocalBoundary
 from distqat.distributed.optim import build_optimizer
 from distqat.errors import StageCallError
-from distqat.models import build_pipeline_stages
+from distqat.quant.scheme import boundary_quantizer
+from distqat.quant.stages import build_stages
+from distqat.swarm import boundary_codecs
 from distqat.swarm.records import ServerInfo
 from distqat.swarm.routing import Router
 from distqat.swarm.rpc import Method, StageClient, expect_tensors
@@ -69,22 +73,25 @@ class RemotePipeline:
         """
         micro_batch = str(next(self._ids))
         route: list[ServerInfo] = []
-        activations = inputs
+        # A boundary's payload is relayed as it came (encoded, with its codec header): no hop adds error.
+        activations, header = inputs, None
         for stage in self.router.stage_names:
-            replica, (activations,) = await self._forward_with_retries(stage, activations, {"mb": micro_batch})
+            replica, (activations,), header = await self._forward_with_retries(
+                stage, activations, _with_codec({"mb": micro_batch}, header)
+            )
             route.append(replica)
 
-        logits = activations.requires_grad_(True)
+        logits = boundary_codecs.decode(activations, header).requires_grad_(True)
         loss = loss_fn(logits, labels)
         loss.backward()
-        grad = logits.grad
+        grad, header = logits.grad, None
         for position in reversed(range(len(route))):
             want_grad = position > 0  # the first stage's input is data: its gradient is not needed
-            replies = await self._hop(
+            replies, header = await self._hop(
                 route[position],
                 "backward",
                 grad,
-                {"mb": micro_batch, "want_grad": want_grad},
+                _with_codec({"mb": micro_batch, "want_grad": want_grad}, header),
                 self.config.model_pipeline.backward_timeout,
                 replies=int(want_grad),
             )
@@ -94,12 +101,12 @@ class RemotePipeline:
 
     async def _forward_with_retries(
         self, stage: str, activations: torch.Tensor, metadata: dict
-    ) -> tuple[ServerInfo, list[torch.Tensor]]:
+    ) -> tuple[ServerInfo, list[torch.Tensor], dict | None]:
         """Forward on one replica of `stage`; on failure (that replica is then banned) on the next one."""
         while True:
             replica = self.router.pick(stage)  # NoReplicaError when every replica has failed: the step fails
             try:
-                outputs = await self._hop(
+                outputs, header = await self._hop(
                     replica, "forward", activations, metadata, self.config.model_pipeline.forward_timeout, replies=1
                 )
             except StageCallError as error:
@@ -108,19 +115,21 @@ class RemotePipeline:
                 self.rerouted += 1
                 logger.warning("%s; retrying on another replica of '%s'", error, stage)
                 continue
-            return replica, outputs
+            return replica, outputs, header
 
     async def infer(self, inputs: torch.Tensor) -> torch.Tensor:
         metadata = {"mb": f"eval-{next(self._ids)}", "eval": True}
-        activations = inputs
+        activations, header = inputs, None
         for stage in self.router.stage_names:
-            _, (activations,) = await self._forward_with_retries(stage, activations, metadata)
-        return activations
+            _, (activations,), header = await self._forward_with_retries(
+                stage, activations, _with_codec(metadata, header)
+            )
+        return boundary_codecs.decode(activations, header)
 
     async def _hop(
         self, replica: ServerInfo, method: Method, tensor: torch.Tensor, metadata: dict, timeout: float, replies: int
-    ) -> list[torch.Tensor]:
-        """One call; a replica that fails it is avoided for a while."""
+    ) -> tuple[list[torch.Tensor], dict | None]:
+        """One call, returning the reply's tensors and their codec header; a replica that fails is avoided a while."""
         metadata = {**metadata, "uid": replica.uid}  # a peer that now serves another stage refuses the call
         try:
             result = await self.client.call(replica, method, [tensor], metadata, timeout)
@@ -130,23 +139,38 @@ class RemotePipeline:
             raise
         self.traffic.bytes_sent += result.bytes_sent
         self.traffic.bytes_received += result.bytes_received
-        return outputs
+        return outputs, result.metadata.get("codec")
+
+
+def _with_codec(metadata: dict, header: dict | None) -> dict:
+    return metadata if header is None else {**metadata, "codec": header}
 
 
 class LocalPipeline:
-    """The same stages, optimisers and loss in this one process: the baseline the swarm is measured against."""
+    """The same stages, optimisers and loss in this one process: the baseline the swarm is measured against.
+
+    Quantisers and boundary encodings are those of the config, as on the servers (`LocalBoundary`)."""
 
     def __init__(self, config: Config):
-        self.stages: list[nn.Module] = [
-            stage.train() for stage in build_pipeline_stages(config.model_pipeline, config.data, config.seed)
-        ]
+        self.stages: list[nn.Module] = [stage.train() for stage in build_stages(config)]
         self.optimizers = [build_optimizer(stage.parameters(), config.diloco.inner_optim) for stage in self.stages]
         self.traffic = TrafficCounter()
+        names = config.model_pipeline.stage_names
+        self.boundaries = [
+            LocalBoundary(config.quant.boundary_for(name), partial(boundary_quantizer, stage))
+            for name, stage in zip(names[:-1], self.stages, strict=False)
+        ]
+
+    def _through(self, inputs: torch.Tensor, count: bool) -> torch.Tensor:
+        activations = inputs
+        for position, stage in enumerate(self.stages):
+            activations = stage(activations)
+            if position < len(self.boundaries):
+                activations = self.boundaries[position].carry(activations, count)
+        return activations
 
     async def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-        activations = inputs
-        for stage in self.stages:
-            activations = stage(activations)
+        activations = self._through(inputs, count=True)
         loss = loss_fn(activations, labels)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -160,9 +184,7 @@ class LocalPipeline:
             stage.eval()
         try:
             with torch.no_grad():
-                activations = inputs
-                for stage in self.stages:
-                    activations = stage(activations)
+                activations = self._through(inputs, count=False)
         finally:
             for stage in self.stages:
                 stage.train()

@@ -34,8 +34,10 @@ from distqat.distributed.replica import StageReplica
 from distqat.distributed.stage_sync import StageSync, load_replica_state
 from distqat.errors import ConfigError, StageCallError, SwarmError
 from distqat.models import build_pipeline_stage
+from distqat.quant.scheme import boundary_quantizer
+from distqat.quant.stages import build_stage
 from distqat.runtime import autocast, resolve_device
-from distqat.swarm import records
+from distqat.swarm import boundary_codecs, records
 from distqat.swarm.events import EventLog
 from distqat.swarm.node import start_dht, visible_maddrs
 from distqat.swarm.pipelines import free_expert_index, stage_to_fill, stage_with_fewest_replicas
@@ -52,7 +54,7 @@ class StageServer:
         self.config, self.dht = config, dht
         self.stage_index = config.model_pipeline.stage_names.index(stage_name)
         self.device = resolve_device(config.device)
-        module = build_pipeline_stage(config.model_pipeline, self.stage_index, config.data, config.seed)
+        module = build_stage(config, self.stage_index)  # with its LSQ quantisers, when quant.enable
         self.replica = StageReplica(
             module,
             build_optimizer(module.parameters(), config.diloco.inner_optim),
@@ -69,6 +71,13 @@ class StageServer:
             expert_index=expert_index,
             device=str(self.device),
             started_at=time.time(),
+        )
+        # Wire encodings of the boundary after this stage (outputs) and of the one before it (input gradients).
+        names = config.model_pipeline.stage_names
+        last = self.stage_index == len(names) - 1
+        self.output_codec = "none" if last else config.quant.boundary_for(stage_name).activations
+        self.grad_codec = (
+            "none" if self.stage_index == 0 else config.quant.boundary_for(names[self.stage_index - 1]).gradients
         )
         self.events = EventLog(f"server_{self.info.peer_id[-8:]}")
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
@@ -103,15 +112,21 @@ class StageServer:
 
     # --- the stage RPC (StageService, through StageEndpoint) ---
 
+    def _encoded(self, tensor: torch.Tensor, codec: str) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        payload, header = boundary_codecs.encode(tensor, codec, boundary_quantizer(self.replica.module))
+        return [payload], {"codec": header}
+
     async def forward(self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str):
-        (inputs,) = tensors
+        (payload,) = tensors
+        inputs = boundary_codecs.decode(payload, metadata.get("codec"))
         if metadata.get("eval"):  # held-out evaluation: no backward follows, keep nothing
-            return [await self._run(self.replica.infer, inputs)], {}
+            return self._encoded(await self._run(self.replica.infer, inputs), self.output_codec)
         outputs = await self._run(self.replica.forward, caller, str(metadata["mb"]), inputs)
-        return [outputs], {}
+        return self._encoded(outputs, self.output_codec)
 
     async def backward(self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str):
-        (grad_outputs,) = tensors
+        (payload,) = tensors
+        grad_outputs = boundary_codecs.decode(payload, metadata.get("codec"))
         grad_inputs = await self._run(self.replica.backward, caller, str(metadata["mb"]), grad_outputs)
         if not self._trained:
             self._trained = True
@@ -119,7 +134,9 @@ class StageServer:
         self._window_samples += len(grad_outputs)
         if self.sync is not None:
             self.sync.record_step(len(grad_outputs))
-        return ([] if grad_inputs is None or not metadata.get("want_grad", True) else [grad_inputs]), {}
+        if grad_inputs is None or not metadata.get("want_grad", True):
+            return [], {}
+        return self._encoded(grad_inputs, self.grad_codec)
 
     async def _run(self, function, *args):
         # One compute thread: forward, backward and the weights digest never overlap an optimiser step.

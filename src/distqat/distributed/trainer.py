@@ -306,8 +306,12 @@ def run_trainer(config: Config, index: int, stop: threading.Event, max_steps: in
         batches.close()
 
 
-def run_baseline(config: Config, max_steps: int, stop: threading.Event, summary_path: Path | None) -> dict:
-    """Train the same stages in this one process, with the same data, batch size and optimiser."""
+def run_baseline(
+    config: Config, max_steps: int, stop: threading.Event, summary_path: Path | None, save_state: Path | None = None
+) -> dict:
+    """Train the same stages in this one process, with the same data, batch size and optimiser.
+
+    `save_state`: write every stage's trained state there (`distqat.stage_state`, what `distqat export` reads)."""
     dataset = load_dataset(config.data)
     batches = BatchStream(
         dataset,
@@ -328,6 +332,11 @@ def run_baseline(config: Config, max_steps: int, stop: threading.Event, summary_
     finally:
         batches.close()
     record = progress.record(peer_id="local", traffic=pipeline.traffic, finished=True)
+    if save_state is not None:
+        from distqat.stage_state import save_stage_states
+
+        save_stage_states(save_state, config, dict(enumerate(pipeline.stages)))
+        logger.info("stage states written to %s", save_state)
     summary = {
         "mode": "baseline",
         "steps": record.step,
