@@ -2,7 +2,10 @@
 
 It writes `initial_peers.txt` in the log dir (the addresses other peers join through), reads the
 servers' and trainers' records every half second, appends the swarm's state to `metrics.jsonl` (and
-W&B), and, when `--max-steps` is set, writes the run summary and exits once the trainers' steps add up.
+W&B, and TensorBoard with `monitor.tensorboard`), and, when `--max-steps` is set, writes the run summary
+and exits once the trainers' steps add up. Each row holds a `fleet` section (stages with their replicas,
+trainers, alerts: see `distqat.observability.fleet`) that the launchers' live view draws; when the
+monitor stops it draws the run's plots (`monitor.plots`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from typing import Any
 from distqat.config import Config
 from distqat.distributed.sinks import JsonlSink, WandbSink
 from distqat.errors import SwarmError
+from distqat.observability.fleet import STRAGGLER_RATIO, fleet_snapshot
+from distqat.observability.plots import plot_run
+from distqat.observability.tensorboard import TensorBoardSink
 from distqat.swarm import records
 from distqat.swarm.node import start_dht, visible_maddrs
 from distqat.swarm.pipelines import count_complete_pipelines
@@ -42,6 +48,9 @@ class SwarmView:
     replicas: dict[str, list[records.ServerInfo]] = field(default_factory=dict)
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> what we saw of it, first and last
     pipelines: int = 0
+    stage_names: list[str] = field(default_factory=list)
+    straggler_ratio: float = STRAGGLER_RATIO
+    alerts: list[str] = field(default_factory=list)  # of the last row
 
     def update(
         self,
@@ -79,6 +88,7 @@ class SwarmView:
                 bytes_averaging=info.bytes_averaging,
             )
         self.pipelines = count_complete_pipelines(replicas, stage_names)
+        self.stage_names = list(stage_names)
 
     def traffic(self) -> dict[str, int]:
         """Bytes moved by the servers seen, live or gone, split into stage traffic and averaging."""
@@ -120,6 +130,9 @@ class SwarmView:
                     "loss": m.loss_avg,
                     "samples_per_s": m.samples_per_s,
                     "failures": m.failures,
+                    "eval_step": m.eval_step,
+                    "eval_loss": m.eval_loss,
+                    "eval_accuracy": m.eval_accuracy,
                 }
                 for m in self.latest.values()
             },
@@ -127,6 +140,7 @@ class SwarmView:
             "bytes_received": sum(m.bytes_received for m in self.latest.values()),
             **self.traffic(),
             "diloco_rounds": self.diloco_rounds(),
+            "fleet": fleet_snapshot(self.latest.values(), self.replicas, self.stage_names, now, self.straggler_ratio),
         }
 
     def summary(self, started_at: float, now: float) -> dict[str, Any]:
@@ -167,8 +181,8 @@ def run_monitor(
     started_at = started_at or time.time()
     stage_names = config.model_pipeline.stage_names
     dht = start_dht(config.network)
-    sinks: list[JsonlSink | WandbSink] = []
-    view = SwarmView()
+    sinks: list[JsonlSink | WandbSink | TensorBoardSink] = []
+    view = SwarmView(straggler_ratio=config.monitor.straggler_ratio)
     try:
         peers = ",".join(visible_maddrs(dht))
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +197,12 @@ def run_monitor(
         )
         if wandb_sink is not None:
             sinks.append(wandb_sink)
-        last_logged_steps, last_row_at = -1, 0.0
+        if config.monitor.tensorboard:
+            tensorboard_sink = TensorBoardSink.open(log_dir / "tensorboard")
+            if tensorboard_sink is not None:
+                sinks.append(tensorboard_sink)
+        last_shape: tuple[int, ...] = (-1,)
+        last_row_at = 0.0
         while not stop.is_set():
             try:
                 trainers = records.fetch_trainer_metrics(dht, config.experiment_prefix, config.network.dht_timeout)
@@ -194,7 +213,9 @@ def run_monitor(
             except SwarmError as error:
                 logger.warning("could not read the swarm: %s", error)
             now = time.time()
-            if view.steps != last_logged_steps or now - last_row_at > 5.0:
+            # A row per new step total, and per change in who is there (the live view's set-up bar follows it).
+            shape = (view.steps, view.pipelines, sum(len(r) for r in view.replicas.values()), len(view.latest))
+            if shape != last_shape or now - last_row_at > 5.0:
                 row = view.row(now)
                 for sink in sinks:
                     sink.log(row)
@@ -206,7 +227,8 @@ def run_monitor(
                     row["pipelines"],
                     row["servers"],
                 )
-                last_logged_steps, last_row_at = view.steps, now
+                last_shape, last_row_at = shape, now
+                _log_alert_changes(view, row["fleet"]["alerts"])
             if max_steps > 0 and view.steps >= max_steps:
                 logger.info("reached %d steps: run complete", view.steps)
                 break
@@ -218,3 +240,24 @@ def run_monitor(
         for sink in sinks:
             sink.close()
         dht.shutdown()
+        if config.monitor.plots:
+            _draw_plots(log_dir)
+
+
+def _log_alert_changes(view: SwarmView, alerts: list[str]) -> None:
+    for alert in sorted(set(alerts) - set(view.alerts)):
+        logger.warning("alert: %s", alert)
+    for alert in sorted(set(view.alerts) - set(alerts)):
+        logger.info("cleared: %s", alert)
+    view.alerts = alerts
+
+
+def _draw_plots(log_dir: Path) -> None:
+    # After the DHT is down: a slow or failing plot must never cost the run its summary or its peers.
+    try:
+        written = plot_run(log_dir, METRICS_FILE)
+    except Exception as error:  # matplotlib raises many types (fonts, backends, bad data); none ends the run badly
+        logger.warning("could not draw the plots: %s", error)
+        return
+    if written:
+        logger.info("plots: %s", ", ".join(str(path) for path in written))

@@ -28,6 +28,7 @@ from distqat.distributed.replica import StageReplica
 from distqat.distributed.stage_sync import StageSync
 from distqat.errors import ConfigError, SwarmError
 from distqat.models import build_pipeline_stage
+from distqat.observability.call_stats import CallStats
 from distqat.runtime import autocast, resolve_device
 from distqat.swarm import records
 from distqat.swarm.node import start_dht, visible_maddrs
@@ -66,6 +67,7 @@ class StageServer:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
         self._window_start, self._window_samples = time.monotonic(), 0
         self._syncing = False  # a DiLoCo round or state download holds the compute thread
+        self.calls = CallStats()  # latency and calls in progress, for the heartbeat
         self.sync = (
             StageSync(config, dht, self.info, self.replica, on_compute=lambda fn: self._compute.submit(fn).result())
             if config.diloco.enable
@@ -81,13 +83,16 @@ class StageServer:
         (inputs,) = tensors
         if metadata.get("eval"):  # held-out evaluation: no backward follows, keep nothing
             return [await self._run(self.replica.infer, inputs)], {}
-        outputs = await self._run(self.replica.forward, caller, str(metadata["mb"]), inputs)
+        with self.calls.track("forward"):
+            outputs = await self._run(self.replica.forward, caller, str(metadata["mb"]), inputs)
         return [outputs], {}
 
     async def backward(self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str):
         (grad_outputs,) = tensors
-        grad_inputs = await self._run(self.replica.backward, caller, str(metadata["mb"]), grad_outputs)
+        with self.calls.track("backward"):
+            grad_inputs = await self._run(self.replica.backward, caller, str(metadata["mb"]), grad_outputs)
         self._window_samples += len(grad_outputs)
+        self.info.batch_size = len(grad_outputs)
         if self.sync is not None:
             self.sync.record_step(len(grad_outputs))
         return ([] if grad_inputs is None or not metadata.get("want_grad", True) else [grad_inputs]), {}
@@ -113,6 +118,8 @@ class StageServer:
             # Read on the compute thread, so the digest and the step count describe the same weights.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._run(self._describe_weights), self.config.network.heartbeat_period)
+        self.info.forward_ms, self.info.backward_ms = self.calls.mean_ms["forward"], self.calls.mean_ms["backward"]
+        self.info.queue_length, self.info.in_flight = self.calls.in_progress, self.replica.in_flight
         self.info.updated_at = time.time()
         return self.info
 
