@@ -25,6 +25,7 @@ from distqat.distributed.monitor import INITIAL_PEERS_FILE, METRICS_FILE
 from distqat.errors import DistQatError
 from distqat.launch import ProcessSupervisor, RoleProcess
 from distqat.observability.live import LiveView
+from distqat.observability.plots import PLOTS_DIR
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -241,6 +242,9 @@ def _run_monitored(
                 essential=lambda name: not name.startswith("server_"),  # the swarm lives on without a server
             )
         supervisor.stop("client")  # trainers first, so that none sees its servers vanish mid-step
+    plots = sorted((log_dir / PLOTS_DIR).glob("*.png"))
+    if plots:
+        console.print(f"plots in {log_dir / PLOTS_DIR}: {', '.join(path.name for path in plots)}")
     return _read_summary(summary_path)
 
 

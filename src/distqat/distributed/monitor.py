@@ -23,7 +23,8 @@ from distqat.config import Config
 from distqat.distributed.sinks import JsonlSink, WandbSink
 from distqat.errors import SwarmError
 from distqat.observability.fleet import STRAGGLER_RATIO, fleet_snapshot
-from distqat.observability.plots import plot_run
+from distqat.observability.plots import FILES as PLOT_FILES
+from distqat.observability.plots import PLOTS_DIR, plot_run
 from distqat.observability.tensorboard import TensorBoardSink
 from distqat.swarm import records
 from distqat.swarm.node import start_dht, visible_maddrs
@@ -192,6 +193,8 @@ def run_monitor(
         staging.replace(log_dir / INITIAL_PEERS_FILE)
         logger.info("DHT up; initial peers: %s", peers)
         sinks.append(JsonlSink(log_dir / METRICS_FILE))
+        for stale in PLOT_FILES:  # an earlier run's plots must not pass for this run's
+            (log_dir / PLOTS_DIR / stale).unlink(missing_ok=True)
         wandb_sink = WandbSink.open(
             config.wandb_project, config.wandb_entity, config.experiment_prefix, config.model_dump(mode="json")
         )
