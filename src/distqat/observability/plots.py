@@ -154,7 +154,9 @@ def plot_run(log_dir: Path, metrics_file: str = "metrics.jsonl") -> list[Path]:
     for index, (stage, points) in enumerate(series.replicas.items()):  # in pipeline order
         # Stages often have the same count: a thinner, dashed line on top keeps each one visible.
         width = max(1.0, 4.0 - 1.2 * index)
-        axes.step([p[0] for p in points], [p[1] for p in points], styles[index % 4], where="post", label=stage, lw=width)
+        axes.step(
+            [p[0] for p in points], [p[1] for p in points], styles[index % 4], where="post", label=stage, lw=width
+        )
     _mark_time_failures(axes, series)
     axes.set(xlabel="wall time (s)", ylabel="live replicas", title="live replicas per stage")
     axes.yaxis.get_major_locator().set_params(integer=True)
