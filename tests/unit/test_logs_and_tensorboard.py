@@ -77,3 +77,14 @@ def test_tensorboard_sink_writes_the_fleet_scalars(tmp_path: Path) -> None:
     assert scalars["fleet/loss"] == [(1, 2.0), (2, 1.0)]
     assert scalars["replicas/tail"] == [(1, 2.0), (2, 2.0)]
     assert scalars["loss/trainer_0"][-1] == (2, 2.5)
+
+
+def test_progress_lines_of_a_long_wait(caplog) -> None:
+    from distqat.observability.progress import track
+
+    with caplog.at_level(logging.INFO):
+        assert list(track(range(4), 4, "preparing", logging.getLogger("distqat.test"), every_s=0.0)) == [0, 1, 2, 3]
+    lines = caplog.messages
+    assert lines[0].startswith("preparing: 1/4 (25%), ") and lines[0].endswith(" s left")
+    assert lines[-1].startswith("preparing: 4/4 (100%), ")
+    assert len(lines) == 4  # one per item at every_s=0 (the last item only once, as the final line)
