@@ -100,3 +100,10 @@ def test_status_of_an_unreachable_swarm_is_one_line(tmp_path: Path) -> None:
     assert len(errors) == 1, result.stderr
     assert "cannot read the swarm 'tiny'" in errors[0] and dead in errors[0]
     assert result.stdout == ""
+
+
+def test_plot_command_without_metrics_is_one_line(tmp_path: Path) -> None:
+    result = distqat("plot", "--config", str(TINY), "--log-dir", str(tmp_path))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("distqat: error:")]
+    assert errors == [f"distqat: error: {tmp_path / 'metrics.jsonl'}: no such file (is --log-dir the run's log dir?)"]
