@@ -7,7 +7,7 @@ import math
 from swarm_records import NOW, STAGES, replica, trainer
 
 from distqat.distributed.monitor import SwarmView
-from distqat.observability.fleet import fleet_snapshot
+from distqat.observability.fleet import alert_changes, fleet_snapshot
 from distqat.observability.scalars import fleet_scalars
 
 
@@ -88,3 +88,23 @@ def test_monitor_row_carries_the_fleet_and_flat_scalars() -> None:
     assert scalars["stage_samples_per_s/body"] == 31.0
     assert "bytes/sent" in scalars
     assert all(isinstance(value, float) and math.isfinite(value) for value in scalars.values())
+
+
+def test_alert_changes_follow_what_an_alert_is_about_not_its_numbers() -> None:
+    replicas = {
+        "head": [replica("head", 0, 40.0), replica("head", 1, 9.0)],
+        "body": [],
+        "tail": [replica("tail", 0, 9)],
+    }
+    first = fleet_snapshot([], replicas, STAGES, NOW)
+    appeared, cleared, current = alert_changes({}, first)
+    assert appeared == [
+        "stage 'body' has no live replica",
+        "straggler: replica head.0.0.1 at 9.0 samples/s (stage median 24.5)",
+    ]
+    replicas["head"][1] = replica("head", 1, 9.5)  # still a straggler, other numbers
+    appeared, cleared, current = alert_changes(current, fleet_snapshot([], replicas, STAGES, NOW))
+    assert (appeared, cleared) == ([], [])
+    replicas["body"] = [replica("body", 0, 30.0)]
+    appeared, cleared, current = alert_changes(current, fleet_snapshot([], replicas, STAGES, NOW))
+    assert (appeared, cleared) == ([], ["stage 'body' has no live replica"])

@@ -22,7 +22,7 @@ from typing import Any
 from distqat.config import Config
 from distqat.distributed.sinks import JsonlSink, WandbSink
 from distqat.errors import SwarmError
-from distqat.observability.fleet import STRAGGLER_RATIO, fleet_snapshot
+from distqat.observability.fleet import STRAGGLER_RATIO, alert_changes, fleet_snapshot
 from distqat.observability.plots import FILES as PLOT_FILES
 from distqat.observability.plots import PLOTS_DIR, plot_run
 from distqat.observability.tensorboard import TensorBoardSink
@@ -51,7 +51,7 @@ class SwarmView:
     pipelines: int = 0
     stage_names: list[str] = field(default_factory=list)
     straggler_ratio: float = STRAGGLER_RATIO
-    alerts: list[str] = field(default_factory=list)  # of the last row
+    alerts: dict[str, str] = field(default_factory=dict)  # of the last row, by key
 
     def update(
         self,
@@ -231,7 +231,7 @@ def run_monitor(
                     row["servers"],
                 )
                 last_shape, last_row_at = shape, now
-                _log_alert_changes(view, row["fleet"]["alerts"])
+                _log_alert_changes(view, row["fleet"])
             if max_steps > 0 and view.steps >= max_steps:
                 logger.info("reached %d steps: run complete", view.steps)
                 break
@@ -247,12 +247,12 @@ def run_monitor(
             _draw_plots(log_dir)
 
 
-def _log_alert_changes(view: SwarmView, alerts: list[str]) -> None:
-    for alert in sorted(set(alerts) - set(view.alerts)):
+def _log_alert_changes(view: SwarmView, fleet: dict[str, Any]) -> None:
+    appeared, cleared, view.alerts = alert_changes(view.alerts, fleet)
+    for alert in appeared:
         logger.warning("alert: %s", alert)
-    for alert in sorted(set(view.alerts) - set(alerts)):
+    for alert in cleared:
         logger.info("cleared: %s", alert)
-    view.alerts = alerts
 
 
 def _draw_plots(log_dir: Path) -> None:

@@ -127,17 +127,24 @@ def fleet_snapshot(
         )
     trainer_rows = [trainer_row(metrics, now) for metrics in trainers]
     active = [row for row in trainer_rows if row["state"] in {"training", "waiting"}]
-    alerts = [f"stage '{stage['name']}' has no live replica" for stage in stages if not stage["alive"]]
+    # Each alert has a stable key (what it is about) and a text (with today's numbers): change detection
+    # compares keys, so a straggler whose rate moves from 9.1 to 9.3 is not a new alert.
+    alerts: dict[str, str] = {}
+    for stage in stages:
+        if not stage["alive"]:
+            alerts[f"no_replica:{stage['name']}"] = f"stage '{stage['name']}' has no live replica"
     for stage in stages:
         rates = {row["uid"]: row["samples_per_s"] for row in stage["replicas"]}
         for uid, rate, median in _stragglers(rates, straggler_ratio):
-            alerts.append(f"straggler: replica {uid} at {rate:.1f} samples/s (stage median {median:.1f})")
+            alerts[f"straggler:{uid}"] = f"straggler: replica {uid} at {rate:.1f} samples/s (stage median {median:.1f})"
     rates = {row["trainer_id"]: row["samples_per_s"] for row in active}
     for trainer_id, rate, median in _stragglers(rates, straggler_ratio):
-        alerts.append(f"straggler: {trainer_id} at {rate:.1f} samples/s (trainers' median {median:.1f})")
-    alerts += [
-        f"{row['trainer_id']}: no record for {row['age_s']:.0f} s" for row in trainer_rows if row["state"] == "stale"
-    ]
+        alerts[f"straggler:{trainer_id}"] = (
+            f"straggler: {trainer_id} at {rate:.1f} samples/s (trainers' median {median:.1f})"
+        )
+    for row in trainer_rows:
+        if row["state"] == "stale":
+            alerts[f"stale:{row['trainer_id']}"] = f"{row['trainer_id']}: no record for {row['age_s']:.0f} s"
     losses = [row["loss_avg"] for row in trainer_rows if row["loss_avg"] is not None]
     return {
         "time": now,
@@ -147,5 +154,14 @@ def fleet_snapshot(
         "stages": stages,
         "trainers": trainer_rows,
         "bottleneck": bottleneck(stages),
-        "alerts": alerts,
+        "alerts": list(alerts.values()),
+        "alert_keys": list(alerts),
     }
+
+
+def alert_changes(previous: dict[str, str], fleet: dict[str, Any]) -> tuple[list[str], list[str], dict[str, str]]:
+    """(texts of alerts that appeared, texts of alerts that cleared, the current alerts by key)."""
+    current = dict(zip(fleet.get("alert_keys", fleet["alerts"]), fleet["alerts"], strict=True))
+    appeared = [text for key, text in current.items() if key not in previous]
+    cleared = [text for key, text in previous.items() if key not in current]
+    return appeared, cleared, current

@@ -20,6 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from distqat.observability.fleet import alert_changes
 from distqat.observability.render import fleet_view, headline
 
 Mode = Literal["auto", "rich", "plain"]
@@ -81,7 +82,8 @@ class LiveView:
         self._expected_servers = expected_servers
         self._started_at = started_at or time.time()
         self._live: Live | None = None
-        self._last_steps, self._last_setup, self._alerts = -1, "", set[str]()
+        self._last_steps, self._last_setup = -1, ""
+        self._alerts: dict[str, str] = {}
         self.last_row: dict[str, Any] | None = None
 
     def __enter__(self) -> LiveView:
@@ -147,12 +149,11 @@ class LiveView:
         fleet = row.get("fleet")
         if not fleet or not row.get("steps"):
             return  # during set-up stages without a replica are expected, not news
-        alerts = set(fleet.get("alerts", []))
-        for alert in sorted(alerts - self._alerts):
-            self._console.print(f"[yellow]alert: {alert}[/]")
-        for alert in sorted(self._alerts - alerts):
-            self._console.print(f"cleared: {alert}")
-        self._alerts = alerts
+        appeared, cleared, self._alerts = alert_changes(self._alerts, fleet)
+        for alert in appeared:
+            self._console.print(f"alert: {alert}", style="yellow", markup=False)
+        for alert in cleared:
+            self._console.print(f"cleared: {alert}", markup=False)
 
     def final_headline(self) -> str | None:
         row = self.last_row
