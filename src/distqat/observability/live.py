@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from distqat.observability.fleet import alert_changes
-from distqat.observability.render import fleet_view, headline
+from distqat.observability.render import fleet_view, headline, stages_table
 
 Mode = Literal["auto", "rich", "plain"]
 
@@ -129,7 +129,8 @@ class LiveView:
     def _view(self, row: dict[str, Any] | None) -> RenderableType:
         if row is None or not row.get("steps"):
             if row is not None and row.get("fleet"):
-                return Group(self._setup_view(row), fleet_view(row["fleet"], row.get("steps"), self._elapsed()))
+                # Servers appear one by one; "no live replica" is expected here, not an alert yet.
+                return Group(self._setup_view(row), stages_table(row["fleet"]))
             return self._setup_view(row)
         if row.get("fleet"):
             return fleet_view(row["fleet"], row["steps"], self._elapsed())
