@@ -58,3 +58,14 @@ def test_no_metrics_no_plots(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("")
     assert plot_run(tmp_path) == []
     assert not (tmp_path / "plots").exists()
+
+
+def test_a_restarted_trainer_is_one_curve_with_the_restart_marked() -> None:
+    view = SwarmView()
+    rows = []
+    for poll, step in enumerate((4, 6, 1, 3)):  # restarted between the 2nd and 3rd look
+        view.update([trainer("trainer_0", step, 30.0, updated_at=NOW + poll)], {}, STAGES)
+        rows.append(view.row(NOW + 10 * poll))
+    series = extract(rows)
+    assert [step for _t, step, _loss in series.train["trainer_0"]] == [4, 6, 7, 9]
+    assert series.restarts == [(20.0, "trainer_0", 6)]

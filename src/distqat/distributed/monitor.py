@@ -46,6 +46,9 @@ class SwarmView:
     restarted: set[str] = field(default_factory=set)
     retired_steps: int = 0
     retired_samples: int = 0
+    # A restarted trainer's record starts from zero: what its earlier lives did is kept here.
+    retired: dict[str, int] = field(default_factory=lambda: {"bytes_sent": 0, "bytes_received": 0, "failures": 0})
+    first_step_at: dict[str, float] = field(default_factory=dict)  # the earliest any life of each trainer saw
     replicas: dict[str, list[records.ServerInfo]] = field(default_factory=dict)
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> what we saw of it, first and last
     pipelines: int = 0
@@ -66,8 +69,13 @@ class SwarmView:
             if previous is not None and metrics.step < previous.step:
                 self.retired_steps += previous.step
                 self.retired_samples += previous.samples
+                for key in self.retired:
+                    self.retired[key] += getattr(previous, key)
                 self.restarted.add(metrics.trainer_id)
             self.latest[metrics.trainer_id] = metrics
+            if metrics.first_step_at > 0:
+                earliest = self.first_step_at.get(metrics.trainer_id, metrics.first_step_at)
+                self.first_step_at[metrics.trainer_id] = min(earliest, metrics.first_step_at)
             # first_loss_avg grows to its window over the first steps; a restarted trainer's starts later.
             if math.isfinite(metrics.first_loss_avg) and metrics.trainer_id not in self.restarted:
                 self.first_loss[metrics.trainer_id] = metrics.first_loss_avg
@@ -105,6 +113,10 @@ class SwarmView:
             rounds[seen["stage"]] = max(rounds.get(seen["stage"], 0), seen["diloco_round"])
         return rounds
 
+    def total(self, key: str) -> int:
+        """A trainer counter (bytes_sent, bytes_received, failures) over every life of every trainer."""
+        return self.retired[key] + sum(getattr(m, key) for m in self.latest.values())
+
     @property
     def steps(self) -> int:
         return self.retired_steps + sum(m.step for m in self.latest.values())
@@ -137,8 +149,8 @@ class SwarmView:
                 }
                 for m in self.latest.values()
             },
-            "bytes_sent": sum(m.bytes_sent for m in self.latest.values()),
-            "bytes_received": sum(m.bytes_received for m in self.latest.values()),
+            "bytes_sent": self.total("bytes_sent"),
+            "bytes_received": self.total("bytes_received"),
             **self.traffic(),
             "diloco_rounds": self.diloco_rounds(),
             "fleet": fleet_snapshot(self.latest.values(), self.replicas, self.stage_names, now, self.straggler_ratio),
@@ -146,7 +158,7 @@ class SwarmView:
 
     def summary(self, started_at: float, now: float) -> dict[str, Any]:
         trainers = list(self.latest.values())
-        first_steps = [m.first_step_at for m in trainers if m.first_step_at > 0]
+        first_steps = list(self.first_step_at.values())
         last = [m.loss_avg for m in trainers if math.isfinite(m.loss_avg)]
         return {
             "mode": "swarm",
@@ -162,9 +174,9 @@ class SwarmView:
             "pipelines": self.pipelines,
             "servers": sum(len(r) for r in self.replicas.values()),
             "trainers": len(trainers),
-            "failed_steps": sum(m.failures for m in trainers),
-            "bytes_sent": sum(m.bytes_sent for m in trainers),
-            "bytes_received": sum(m.bytes_received for m in trainers),
+            "failed_steps": self.total("failures"),
+            "bytes_sent": self.total("bytes_sent"),
+            "bytes_received": self.total("bytes_received"),
             **self.traffic(),
             "diloco_rounds": self.diloco_rounds(),
             "servers_seen": self.servers,

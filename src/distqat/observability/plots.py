@@ -6,8 +6,9 @@
   replicas.png         live replicas of every stage against wall time
 
 Failures are marked on every plot: a red dashed line where a trainer's failed-step count grew (on the
-step plot, at that trainer's step), a dotted one where a stage lost a replica. Drawn with matplotlib's
-Agg backend, so no display is needed.
+step plot, at that trainer's step), a dotted one where a stage lost a replica, a grey one where a trainer
+restarted. A restarted trainer counts its steps from 0 again; the step plot goes on from where its earlier
+life stopped, so a trainer slot is one curve. Drawn with matplotlib's Agg backend, so no display is needed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Series:
     replicas: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
     trainer_failures: list[tuple[float, str, int]] = field(default_factory=list)  # (t, trainer, its step)
     replica_losses: list[tuple[float, str]] = field(default_factory=list)  # (t, stage)
+    restarts: list[tuple[float, str, int]] = field(default_factory=list)  # (t, trainer, its step over all lives)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -55,6 +57,7 @@ def extract(rows: list[dict[str, Any]]) -> Series:
         return series
     start = rows[0]["time"]
     last_step: dict[str, int] = {}
+    offset: dict[str, int] = {}  # steps of a trainer's earlier lives
     last_eval: dict[str, int] = {}
     last_failures: dict[str, int] = {}
     last_replicas: dict[str, int] = {}
@@ -63,18 +66,24 @@ def extract(rows: list[dict[str, Any]]) -> Series:
         series.rate["fleet"].append((t, row.get("samples_per_s", 0.0)))
         for trainer_id, trainer in sorted(row.get("trainers", {}).items()):
             step = trainer["step"]
+            if step < last_step.get(trainer_id, 0):  # restarted: counts from 0 again
+                offset[trainer_id] = offset.get(trainer_id, 0) + last_step[trainer_id]
+                series.restarts.append((t, trainer_id, offset[trainer_id]))
+                last_failures[trainer_id] = 0
+                last_eval.pop(trainer_id, None)
+            base = offset.get(trainer_id, 0)
             if step != last_step.get(trainer_id):
                 last_step[trainer_id] = step
                 if trainer.get("loss") is not None:
-                    series.train[trainer_id].append((t, step, trainer["loss"]))
+                    series.train[trainer_id].append((t, base + step, trainer["loss"]))
                 series.rate[trainer_id].append((t, trainer.get("samples_per_s", 0.0)))
             eval_step = trainer.get("eval_step") or 0
             if eval_step and eval_step != last_eval.get(trainer_id) and trainer.get("eval_loss") is not None:
                 last_eval[trainer_id] = eval_step
-                series.eval[trainer_id].append((t, eval_step, trainer["eval_loss"]))
+                series.eval[trainer_id].append((t, base + eval_step, trainer["eval_loss"]))
             failures = trainer.get("failures", 0)
             if failures > last_failures.get(trainer_id, 0):
-                series.trainer_failures.append((t, trainer_id, step))
+                series.trainer_failures.append((t, trainer_id, base + step))
             last_failures[trainer_id] = failures
         for stage, alive in row.get("replicas", {}).items():
             series.replicas[stage].append((t, alive))
@@ -84,11 +93,20 @@ def extract(rows: list[dict[str, Any]]) -> Series:
     return series
 
 
+FAILED = {"color": "red", "linestyle": "--", "linewidth": 0.8}
+LOST = {"color": "red", "linestyle": ":", "linewidth": 1.2}
+RESTARTED = {"color": "grey", "linestyle": "-.", "linewidth": 1.0}
+
+
+def _vlines(axes: Any, xs: list[float], label: str, style: dict[str, Any]) -> None:
+    for index, x in enumerate(xs):
+        axes.axvline(x, label=label if index == 0 else None, **style)
+
+
 def _mark_time_failures(axes: Any, series: Series) -> None:
-    for index, (t, _trainer, _step) in enumerate(series.trainer_failures):
-        axes.axvline(t, color="red", linestyle="--", linewidth=0.8, label="failed step" if index == 0 else None)
-    for index, (t, _stage) in enumerate(series.replica_losses):
-        axes.axvline(t, color="red", linestyle=":", linewidth=1.2, label="replica lost" if index == 0 else None)
+    _vlines(axes, [t for t, _trainer, _step in series.trainer_failures], "failed step", FAILED)
+    _vlines(axes, [t for t, _stage in series.replica_losses], "replica lost", LOST)
+    _vlines(axes, [t for t, _trainer, _step in series.restarts], "trainer restarted", RESTARTED)
 
 
 def _save(figure: Any, path: Path) -> Path:
@@ -121,9 +139,9 @@ def plot_run(log_dir: Path, metrics_file: str = "metrics.jsonl") -> list[Path]:
         axes.plot([p[1] for p in points], [p[2] for p in points], label=f"{trainer_id} train")
     for trainer_id, points in sorted(series.eval.items()):
         axes.plot([p[1] for p in points], [p[2] for p in points], "o--", label=f"{trainer_id} eval")
-    for index, (_t, _trainer, step) in enumerate(series.trainer_failures):
-        axes.axvline(step, color="red", linestyle="--", linewidth=0.8, label="failed step" if index == 0 else None)
-    axes.set(xlabel="trainer step", ylabel="loss", title="loss against step")
+    _vlines(axes, [step for _t, _trainer, step in series.trainer_failures], "failed step", FAILED)
+    _vlines(axes, [step for _t, _trainer, step in series.restarts], "trainer restarted", RESTARTED)
+    axes.set(xlabel="trainer step (over restarts)", ylabel="loss", title="loss against step")
     axes.legend(loc="upper right", fontsize="small")
     written.append(_save(figure, out_dir / "loss_vs_step.png"))
     plt.close(figure)
