@@ -210,6 +210,54 @@ def plot(
     _run(body)
 
 
+@app.command("failover-demo", context_settings=OVERRIDES)
+def failover_demo(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    kill: list[str] = typer.Option(
+        None, "--kill", help="uid of a server to SIGKILL, repeatable (default: the first stage's replica 0)"
+    ),
+    kill_at_step: int = typer.Option(20, "--kill-at-step", min=1, help="kill when a trainer reaches this step"),
+    restart_after: float = typer.Option(
+        5.0, "--restart-after", help="seconds after the kill a new server starts (negative: none)"
+    ),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="servers per stage at the start"),
+    trainers: int = typer.Option(1, "--trainers", min=1, help="trainers (the other replicas are spares)"),
+    max_steps: int = typer.Option(0, "--max-steps", min=0, help="steps of each run (default: kill step + 40)"),
+    runs: int = typer.Option(1, "--runs", min=1, help="repeat the whole demo; figures get a median and a max"),
+    json_path: Path = typer.Option(None, "--json", help="write the figures as JSON here"),
+) -> None:
+    """Kill servers of a live local swarm at a chosen step, start a new one, print the failover timeline."""
+    import json
+
+    from distqat.failover import FailoverPlan, aggregate, figures_table, run_once, timeline
+    from distqat.launchers import console
+    from distqat.swarm.uids import make_uid
+
+    def body(stop: threading.Event) -> None:
+        config = _load(config_path, ctx)
+        plan = FailoverPlan(
+            kill=kill or [make_uid(config.model_pipeline.stage_names[0], 0)],
+            kill_at_step=kill_at_step,
+            restart_after=restart_after,
+            replicas=replicas,
+            trainers=trainers,
+            max_steps=max_steps or kill_at_step + 40,
+        )
+        results = []
+        for index in range(runs):
+            run = run_once(config, plan, stop, index)
+            console.print(timeline(run))
+            results.append(run.figures)
+        console.print(figures_table(results))
+        if json_path is not None:
+            report = {**aggregate(results)["median"], "runs": results, **aggregate(results)}
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=2))
+
+    _run(body)
+
+
 # --- roles (what the launchers start; also runnable by hand) ---------------------------------------------
 
 

@@ -197,9 +197,18 @@ class QuantConfig(Section):
 class ParamMirrorConfig(Section):
     enable: bool = Field(False, description="run a param mirror that checkpoints every stage")
     refresh_every: float = Field(30.0, gt=0, description="seconds between two mirror refreshes")
-    checkpoint_dir: str | None = Field(None, description="checkpoint folder; None: checkpoints/<experiment_prefix>")
+    checkpoint_dir: str | None = Field(None, description="folder of the stage checkpoints; None: <log_dir>/checkpoints")
 
     _not_built_yet = _refuse_unbuilt("the param mirror")
+
+
+class CheckpointConfig(Section):
+    enable: bool = Field(True, description="every stage server writes its replica's state to the checkpoint folder")
+    every: float = Field(30.0, gt=0, description="seconds between two checkpoints of a server")
+    keep: int = Field(3, ge=1, description="checkpoints kept per stage (older ones are deleted)")
+    resume: bool = Field(
+        True, description="a server that finds no live replica of its stage starts from the newest checkpoint"
+    )
 
 
 class DataServerConfig(Section):
@@ -218,9 +227,9 @@ class NetworkConfig(Section):
     port: int = Field(0, ge=0, le=65535, description="DHT/P2P TCP port; 0 picks a free one")
     public_ip: str | None = Field(None, description="address other machines reach this one at")
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of peers to join")
-    heartbeat_period: float = Field(1.5, gt=0, description="seconds between a server's announcements")
+    heartbeat_period: float = Field(1.0, gt=0, description="seconds between a server's announcements")
     heartbeat_expiry: float = Field(
-        4.5, gt=0, description="seconds an announcement lives: a dead server vanishes after it"
+        4.0, gt=0, description="seconds an announcement lives: a dead server vanishes after it"
     )
     client_poll_period: float = Field(1.0, gt=0, description="seconds between the client's looks at the DHT")
     metrics_period: float = Field(1.0, gt=0, description="seconds between a trainer's metric records")
@@ -228,6 +237,12 @@ class NetworkConfig(Section):
     ban_time: float = Field(15.0, ge=0, description="seconds a replica that failed a call is avoided")
     max_pipelines: int | None = Field(
         None, ge=1, description="cap on trainers the client runs (None: one per pipeline)"
+    )
+    rebalance_after: float = Field(
+        10.0,
+        ge=0,
+        description="seconds a stage must stay without replica before a spare of another stage moves to it "
+        "(0: servers never move)",
     )
 
     @field_validator("initial_peers", mode="before")
@@ -277,6 +292,7 @@ class Config(Section):
     model_pipeline: ModelPipelineConfig
     quant: QuantConfig = Field(default_factory=QuantConfig)
     param_mirror: ParamMirrorConfig = Field(default_factory=ParamMirrorConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data_server: DataServerConfig = Field(default_factory=DataServerConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
@@ -303,6 +319,12 @@ class Config(Section):
     @property
     def resolved_log_dir(self) -> Path:
         return Path(self.log_dir) if self.log_dir else Path("logs") / self.experiment_prefix
+
+    @property
+    def resolved_checkpoint_dir(self) -> Path:
+        # In the log dir by default: a run's checkpoints never leak into an unrelated run's (or test's).
+        directory = self.param_mirror.checkpoint_dir
+        return Path(directory) if directory else self.resolved_log_dir / "checkpoints"
 
     @property
     def num_stages(self) -> int:

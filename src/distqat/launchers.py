@@ -257,15 +257,25 @@ def run_local(
     threads = str(threads_per_server(num_servers, len(stage_names)))
 
     def start_servers(supervisor: ProcessSupervisor, config_path: Path, log_dir: Path, peers: str) -> None:
+        # The first replica of every stage starts at once; the spares start once those serve, so that each
+        # spare joins its stage by downloading a live replica's state, as it would in a real swarm (started
+        # together, a spare could look before the first replica has announced itself and start fresh).
+        started = []
         for index in range(num_servers):
+            if index == len(stage_names):  # the first replica of every stage has been started
+                for process, ready_file in started:
+                    wait_for_file(ready_file, process, stop)
             stage = stage_names[index % len(stage_names)]
+            ready_file = log_dir / f"server_{index}.ready"
+            ready_file.unlink(missing_ok=True)
             args = ["--stage", stage, "--expert-index", str(index // len(stage_names)), "--initial-peers", peers]
-            supervisor.start(
+            process = supervisor.start(
                 f"server_{index}",
-                role_argv("server", config_path, *args),
+                role_argv("server", config_path, *args, "--ready-file", str(ready_file)),
                 log_dir / f"server_{index}.log",
                 env={"DISTQAT_NUM_THREADS": threads},
             )
+            started.append((process, ready_file))
 
     console.print(
         f"[bold]distqat local[/]: {config.experiment_prefix}, {num_servers} servers over stages {stage_names}"

@@ -14,7 +14,7 @@ def server_info(**changes) -> ServerInfo:
     fields = dict(
         uid="head.0.0.0", peer_id="QmPeer", maddrs=["/ip4/127.0.0.1/tcp/1"], stage="head", stage_index=0,
         expert_index=0, device="cpu", samples=640, steps=20, samples_per_s=31.5, forward_ms=40.0,
-        backward_ms=95.5, queue_length=1, in_flight=2, batch_size=32, diloco_round=3,
+        backward_ms=95.5, queue=1, in_flight=2, batch_size=32, diloco_round=3,
     )  # fmt: skip
     fields.update(changes)
     return ServerInfo(**fields)
@@ -40,10 +40,10 @@ def test_round_trip_through_the_dht_serializer(record) -> None:
 
 def test_an_older_peers_record_without_the_new_fields_still_validates() -> None:
     old = server_info().model_dump()
-    for new_field in ("forward_ms", "backward_ms", "queue_length", "in_flight", "batch_size"):
+    for new_field in ("forward_ms", "backward_ms", "queue", "in_flight", "batch_size"):
         del old[new_field]
     parsed = parse_record(ServerInfo, old, "test")
-    assert parsed is not None and parsed.forward_ms == 0.0 and parsed.queue_length == 0
+    assert parsed is not None and parsed.forward_ms == 0.0 and parsed.queue == 0
 
 
 def test_a_newer_peers_unknown_fields_are_ignored() -> None:
@@ -74,7 +74,7 @@ def test_malformed_trainer_record_is_skipped_with_one_line(change, field, caplog
 
 @pytest.mark.parametrize(
     "value",
-    [None, [1, 2], "text", {"uid": "head.0.0.0"}, server_info(queue_length=1).model_dump() | {"queue_length": -2}],
+    [None, [1, 2], "text", {"uid": "head.0.0.0"}, server_info(in_flight=1).model_dump() | {"in_flight": -2}],
 )
 def test_malformed_server_record_is_skipped(value) -> None:
     assert parse_record(ServerInfo, value, "test") is None

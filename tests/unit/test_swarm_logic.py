@@ -11,6 +11,7 @@ from distqat.swarm.pipelines import (
     count_complete_pipelines,
     free_expert_index,
     missing_stages,
+    stage_to_fill,
     stage_with_fewest_replicas,
 )
 from distqat.swarm.records import ServerInfo, TrainerMetrics
@@ -18,7 +19,7 @@ from distqat.swarm.routing import Router
 from distqat.swarm.uids import make_uid, parse_uid
 
 
-def server(stage: str, index: int, rate: float = 0.0) -> ServerInfo:
+def server(stage: str, index: int, rate: float = 0.0, queue: int = 0) -> ServerInfo:
     return ServerInfo(
         uid=make_uid(stage, index),
         peer_id=f"peer-{stage}-{index}",
@@ -28,6 +29,7 @@ def server(stage: str, index: int, rate: float = 0.0) -> ServerInfo:
         expert_index=index,
         device="cpu",
         samples_per_s=rate,
+        queue=queue,
     )
 
 
@@ -69,6 +71,42 @@ def test_new_server_takes_the_neediest_stage() -> None:
     assert stage_with_fewest_replicas({"head": [server("head", 0)], "tail": [server("tail", 0)]}, stages) == "head"
 
 
+def test_ties_go_to_the_stage_with_the_lowest_throughput() -> None:
+    stages = ["head", "body", "tail"]
+    replicas = {
+        "head": [server("head", 0, rate=50.0)],
+        "body": [server("body", 0, rate=20.0)],
+        "tail": [server("tail", 0, rate=30.0)],
+    }
+    assert stage_with_fewest_replicas(replicas, stages) == "body"
+
+
+def test_only_the_designated_spare_moves_to_an_empty_stage() -> None:
+    stages = ["head", "body", "tail"]
+    tails = [server("tail", 0, rate=40.0), server("tail", 1, rate=10.0), server("tail", 2, rate=10.0)]
+    replicas = {"head": [server("head", 0)], "body": [], "tail": tails}
+    # The slowest tail moves; on equal throughput the highest replica index; nobody else.
+    assert stage_to_fill(replicas, stages, tails[2].uid) == "body"
+    assert [stage_to_fill(replicas, stages, info.uid) for info in tails[:2]] == [None, None]
+    assert stage_to_fill(replicas, stages, "head.0.0.0") is None
+
+
+def test_nobody_moves_without_a_gap_or_without_a_spare() -> None:
+    stages = ["head", "tail"]
+    full = {"head": [server("head", 0)], "tail": [server("tail", 0), server("tail", 1)]}
+    assert stage_to_fill(full, stages, "tail.0.1.0") is None
+    no_spare = {"head": [], "tail": [server("tail", 0)]}
+    assert stage_to_fill(no_spare, stages, "tail.0.0.0") is None
+
+
+def test_two_broken_pipelines_lend_a_spare_to_the_earliest_empty_stage() -> None:
+    # head.0 and head.1 died: two tails left, the later-indexed one (slowest on ties) becomes a head.
+    stages = ["head", "tail"]
+    replicas = {"head": [], "tail": [server("tail", 0, rate=5.0), server("tail", 1, rate=5.0)]}
+    assert stage_to_fill(replicas, stages, "tail.0.1.0") == "head"
+    assert stage_to_fill(replicas, stages, "tail.0.0.0") is None
+
+
 def test_free_expert_index() -> None:
     assert free_expert_index(set(), 4) == 0
     assert free_expert_index({0, 1, 3}, 4) == 2
@@ -89,14 +127,24 @@ def test_router_bans_failed_replicas_for_ban_time() -> None:
     router = Router(["head"], ban_time=10.0, rng=random.Random(0), clock=clock)
     a, b = server("head", 0), server("head", 1)
     router.update({"head": [a, b]})
-    router.ban(a.uid)
+    router.ban(a)
     assert {router.pick("head").uid for _ in range(20)} == {b.uid}
-    router.ban(b.uid)
+    router.ban(b)
     with pytest.raises(NoReplicaError, match="all recently failed"):
         router.pick("head")
     assert not router.has_route()
     clock.now += 10.1
     assert router.has_route()
+
+
+def test_a_new_peer_with_a_banned_uid_is_not_banned() -> None:
+    router = Router(["head"], ban_time=10.0, clock=FakeClock())
+    dead = server("head", 0)
+    router.update({"head": [dead]})
+    router.ban(dead)
+    successor = dead.model_copy(update={"peer_id": "peer-new"})  # took the free replica index 0
+    router.update({"head": [successor]})
+    assert router.pick("head").peer_id == "peer-new"
 
 
 def test_router_weights_by_throughput_and_tries_unmeasured() -> None:
@@ -109,6 +157,27 @@ def test_router_weights_by_throughput_and_tries_unmeasured() -> None:
     assert share[fast.uid] == pytest.approx(90 / 150, abs=0.04)
     assert share[slow.uid] == pytest.approx(10 / 150, abs=0.03)
     assert share[new.uid] == pytest.approx(50 / 150, abs=0.04)
+
+
+def test_router_prefers_short_queues() -> None:
+    router = Router(["head"], ban_time=1.0, rng=random.Random(2))
+    idle, busy = server("head", 0, rate=40.0), server("head", 1, rate=40.0, queue=3)
+    router.update({"head": [idle, busy]})
+    picks = [router.pick("head").uid for _ in range(2000)]
+    # weights 40/1 : 40/4
+    assert picks.count(idle.uid) / len(picks) == pytest.approx(0.8, abs=0.04)
+
+
+def test_router_reports_each_lost_replica_once() -> None:
+    clock, lost = FakeClock(), []
+    router = Router(["head"], ban_time=5.0, clock=clock, on_lost=lambda uid, why: lost.append((uid, why)))
+    a, b = server("head", 0), server("head", 1)
+    router.update({"head": [a, b]})
+    router.ban(a)
+    router.ban(a)  # still banned: not news
+    router.update({"head": [b]})  # a leaves the DHT while banned: already lost
+    router.update({"head": []})
+    assert lost == [(a.uid, "failed a call"), (b.uid, "gone from the DHT")]
 
 
 def test_router_without_replicas() -> None:

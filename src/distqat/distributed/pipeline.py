@@ -9,6 +9,7 @@ bytes_sent / bytes_received).
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +24,8 @@ from distqat.models import build_pipeline_stages
 from distqat.swarm.records import ServerInfo
 from distqat.swarm.routing import Router
 from distqat.swarm.rpc import Method, StageClient, expect_tensors
+
+logger = logging.getLogger(__name__)
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,17 +56,23 @@ class RemotePipeline:
     client: StageClient
     router: Router
     traffic: TrafficCounter = field(default_factory=TrafficCounter)
+    rerouted: int = 0  # forward hops retried on another replica after a failure
     _ids: itertools.count = field(default_factory=itertools.count)
 
     async def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-        timeouts = self.config.model_pipeline
+        """One micro-batch forward through one replica per stage, backward through the same replicas.
+
+        A forward hop that fails is retried at once on another replica of its stage (the trainer still holds
+        its input). A failed backward raises: the micro-batch is dropped and the caller retries it whole.
+        Replicas that already ran their backward keep that step; the others forget the micro-batch when its
+        backward does not come (`StageReplica.drop_expired`).
+        """
         micro_batch = str(next(self._ids))
-        route: list[ServerInfo] = [self.router.pick(stage) for stage in self.router.stage_names]
+        route: list[ServerInfo] = []
         activations = inputs
-        for replica in route:
-            (activations,) = await self._hop(
-                replica, "forward", activations, {"mb": micro_batch}, timeouts.forward_timeout, replies=1
-            )
+        for stage in self.router.stage_names:
+            replica, (activations,) = await self._forward_with_retries(stage, activations, {"mb": micro_batch})
+            route.append(replica)
 
         logits = activations.requires_grad_(True)
         loss = loss_fn(logits, labels)
@@ -76,37 +85,48 @@ class RemotePipeline:
                 "backward",
                 grad,
                 {"mb": micro_batch, "want_grad": want_grad},
-                timeouts.backward_timeout,
+                self.config.model_pipeline.backward_timeout,
                 replies=int(want_grad),
             )
             if want_grad:
                 (grad,) = replies
         return float(loss.detach())
 
+    async def _forward_with_retries(
+        self, stage: str, activations: torch.Tensor, metadata: dict
+    ) -> tuple[ServerInfo, list[torch.Tensor]]:
+        """Forward on one replica of `stage`; on failure (that replica is then banned) on the next one."""
+        while True:
+            replica = self.router.pick(stage)  # NoReplicaError when every replica has failed: the step fails
+            try:
+                outputs = await self._hop(
+                    replica, "forward", activations, metadata, self.config.model_pipeline.forward_timeout, replies=1
+                )
+            except StageCallError as error:
+                if not self.router.usable(stage):
+                    raise
+                self.rerouted += 1
+                logger.warning("%s; retrying on another replica of '%s'", error, stage)
+                continue
+            return replica, outputs
+
     async def infer(self, inputs: torch.Tensor) -> torch.Tensor:
-        micro_batch = f"eval-{next(self._ids)}"
+        metadata = {"mb": f"eval-{next(self._ids)}", "eval": True}
         activations = inputs
         for stage in self.router.stage_names:
-            replica = self.router.pick(stage)
-            (activations,) = await self._hop(
-                replica,
-                "forward",
-                activations,
-                {"mb": micro_batch, "eval": True},
-                self.config.model_pipeline.forward_timeout,
-                replies=1,
-            )
+            _, (activations,) = await self._forward_with_retries(stage, activations, metadata)
         return activations
 
     async def _hop(
         self, replica: ServerInfo, method: Method, tensor: torch.Tensor, metadata: dict, timeout: float, replies: int
     ) -> list[torch.Tensor]:
         """One call; a replica that fails it is avoided for a while."""
+        metadata = {**metadata, "uid": replica.uid}  # a peer that now serves another stage refuses the call
         try:
             result = await self.client.call(replica, method, [tensor], metadata, timeout)
             outputs = expect_tensors(result, replies, f"{method} of {replica.uid}")
         except StageCallError:
-            self.router.ban(replica.uid)
+            self.router.ban(replica)
             raise
         self.traffic.bytes_sent += result.bytes_sent
         self.traffic.bytes_received += result.bytes_received

@@ -1,10 +1,15 @@
 """Stage server (`distqat server`): hosts one replica of one stage and announces it in the DHT.
 
-It picks its stage (the config's choice, else the stage with the fewest live replicas) and the smallest
-free replica index, serves forward/backward over the stage RPC, and heartbeats a `ServerInfo` record whose
-expiry makes a dead server vanish from every routing table within `network.heartbeat_expiry` seconds.
-With `diloco.enable`, a server that joins a stage with live replicas first downloads the state of the most
-advanced one, and the replicas of a stage average with DiLoCo (`stage_sync`).
+It picks its stage (the config's choice, else the stage with the fewest live replicas, the slowest on
+ties) and the smallest free replica index, then takes the stage's state: from the most advanced live
+replica (with `diloco.enable`), else from the newest checkpoint of the stage, else fresh init. Only then
+does it announce itself, serve forward/backward over the stage RPC, and heartbeat a `ServerInfo` record
+whose expiry makes a dead server vanish from every routing table within `network.heartbeat_expiry` s.
+
+While serving it writes a checkpoint of its state every `checkpoint.every` seconds, averages with the
+stage's other replicas (DiLoCo, `stage_sync`), and, when another stage has had no replica for
+`network.rebalance_after` seconds and its own stage has spares, the designated spare moves there
+(`swarm.pipelines.stage_to_fill`), keeping its peer id.
 """
 
 from __future__ import annotations
@@ -22,17 +27,19 @@ from typing import Any
 import torch
 from hivemind import DHT
 
+from distqat.checkpoints import StageCheckpoints, fingerprint, split_tensors
 from distqat.config import Config
 from distqat.distributed.optim import build_optimizer
 from distqat.distributed.replica import StageReplica
-from distqat.distributed.stage_sync import StageSync
-from distqat.errors import ConfigError, SwarmError
+from distqat.distributed.stage_sync import StageSync, load_replica_state
+from distqat.errors import ConfigError, StageCallError, SwarmError
 from distqat.models import build_pipeline_stage
 from distqat.observability.call_stats import CallStats
 from distqat.runtime import autocast, resolve_device
 from distqat.swarm import records
+from distqat.swarm.events import EventLog
 from distqat.swarm.node import start_dht, visible_maddrs
-from distqat.swarm.pipelines import free_expert_index, stage_with_fewest_replicas
+from distqat.swarm.pipelines import free_expert_index, stage_to_fill, stage_with_fewest_replicas
 from distqat.swarm.rpc import register_stage_service
 from distqat.swarm.uids import make_uid
 
@@ -64,20 +71,39 @@ class StageServer:
             device=str(self.device),
             started_at=time.time(),
         )
+        self.events = EventLog(f"server_{self.info.peer_id[-8:]}")
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
         self._window_start, self._window_samples = time.monotonic(), 0
         self._syncing = False  # a DiLoCo round or state download holds the compute thread
-        self.calls = CallStats()  # latency and calls in progress, for the heartbeat
+        self._halt = threading.Event()  # set on stop, or to move to another stage
+        self.move_to: str | None = None
+        self._serving_since = time.monotonic()
         self.sync = (
             StageSync(config, dht, self.info, self.replica, on_compute=lambda fn: self._compute.submit(fn).result())
             if config.diloco.enable
             else None
         )
+        stage_config = config.model_pipeline.pipeline[self.stage_index]
+        # What a checkpoint must match: the stage's model and the exact names and shapes of its state.
+        self.checkpoints = StageCheckpoints(
+            config.resolved_checkpoint_dir,
+            stage_name,
+            fingerprint(
+                {
+                    "model": stage_config.model_name,
+                    "state": [(name, list(tensor.shape)) for name, tensor in module.state_dict().items()],
+                }
+            ),
+            keep=config.checkpoint.keep,
+        )
+        self._checkpointed_version = -1
+        self._trained = False  # has served a backward yet
+        self.calls = CallStats()  # recent forward/backward latency, for the heartbeat
 
     def count_traffic(self, received: int, sent: int) -> None:
         self.info.bytes_activations += received + sent
 
-    # --- the stage RPC (StageService) ---
+    # --- the stage RPC (StageService, through StageEndpoint) ---
 
     async def forward(self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str):
         (inputs,) = tensors
@@ -91,17 +117,162 @@ class StageServer:
         (grad_outputs,) = tensors
         with self.calls.track("backward"):
             grad_inputs = await self._run(self.replica.backward, caller, str(metadata["mb"]), grad_outputs)
-        self._window_samples += len(grad_outputs)
         self.info.batch_size = len(grad_outputs)
+        if not self._trained:
+            self._trained = True
+            self.events.emit("first_backward", uid=self.info.uid)
+        self._window_samples += len(grad_outputs)
         if self.sync is not None:
             self.sync.record_step(len(grad_outputs))
         return ([] if grad_inputs is None or not metadata.get("want_grad", True) else [grad_inputs]), {}
 
     async def _run(self, function, *args):
         # One compute thread: forward, backward and the weights digest never overlap an optimiser step.
-        return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
+        self.info.queue += 1  # calls waiting for or holding the compute thread: trainers prefer short queues
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
+        finally:
+            self.info.queue -= 1
+
+    # --- taking the stage's state ---
+
+    async def join_stage(self) -> str:
+        """Before serving: take the stage's state from a live replica, else a checkpoint; returns which."""
+        stage = self.info.stage
+        peers = await self._stage_peers_or_none()
+        if peers and self.sync is not None:
+            if await self._run(self.sync.catch_up):
+                return "a live replica"
+            logger.warning("no live replica of '%s' gave its state", stage)
+        elif peers:
+            logger.warning("'%s' has live replicas but diloco.enable is false: not downloading their state", stage)
+        if self.config.checkpoint.resume:
+            loaded = await self._run(self._load_checkpoint)
+            if loaded is not None:
+                return loaded
+        return "fresh weights"
+
+    def _replica_state(self) -> dict[str, Any]:
+        return {
+            "module": self.replica.module.state_dict(),
+            "inner_optimizer": self.replica.optimizer.state_dict(),
+            "diloco": self.sync.diloco.state_dict() if self.sync is not None else None,
+            "samples": self.replica.samples,
+            "weights_version": self.replica.weights_version,
+        }
+
+    def _load_checkpoint(self) -> str | None:
+        found = self.checkpoints.load_newest()
+        if found is None:
+            return None
+        checkpoint, state = found
+        diloco = self.sync.diloco if self.sync is not None else None
+        problem = load_replica_state(state, self.replica.module, self.replica.optimizer, diloco)
+        if problem:
+            logger.warning("could not load checkpoint %s: %s", checkpoint.path, problem)
+            return None
+        self.replica.samples = int(state.get("samples") or 0)
+        self.replica.weights_version = int(state.get("weights_version") or 0) + 1
+        self._checkpointed_version = self.replica.weights_version
+        return f"checkpoint {checkpoint.path} (step {checkpoint.manifest.get('steps')})"
+
+    def _checkpoint_snapshot(self):
+        manifest = {
+            "uid": self.info.uid,
+            "steps": self.replica.weights_version,
+            "samples": self.replica.samples,
+            "diloco_round": self.sync.diloco.round if self.sync is not None else 0,
+        }
+        return (*split_tensors(self._replica_state()), manifest)
+
+    async def write_checkpoint(self) -> None:
+        version = self.replica.weights_version
+        if version == self._checkpointed_version or version == 0:
+            return  # nothing trained since the last one (or at all)
+        skeleton, tensors, manifest = await self._run(self._checkpoint_snapshot)
+        try:
+            path = await asyncio.to_thread(self.checkpoints.write, skeleton, tensors, manifest)
+        except OSError as error:
+            logger.warning("could not write a checkpoint of '%s': %s", self.info.stage, error)
+            return
+        self._checkpointed_version = version
+        logger.debug("checkpoint of %s at step %d: %s", self.info.uid, version, path)
 
     # --- lifecycle ---
+
+    async def serve(self, stop: threading.Event, endpoint: StageEndpoint, ready_file: Path | None = None) -> str | None:
+        """Join the stage, serve it until `stop`; returns the stage to move to, or None when stopped."""
+        source = await self.join_stage()
+        logger.info("%s starts from %s", self.info.uid, source)
+        endpoint.server = self
+        self._serving_since = time.monotonic()
+        logger.info("serving %s on %s as peer %s", self.info.uid, self.device, self.info.peer_id)
+        loops = [self._relay_stop(stop), self._heartbeat_loop(ready_file), self._rebalance_loop()]
+        if self.sync is not None:
+            loops.append(self._sync_loop())
+        if self.config.checkpoint.enable:
+            loops.append(self._checkpoint_loop())
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            endpoint.server = None
+            logger.info(
+                "stopping %s after %d steps, %d samples",
+                self.info.uid,
+                self.replica.weights_version,
+                self.replica.samples,
+            )
+            if self.config.checkpoint.enable:
+                await self.write_checkpoint()  # a stopped or moving replica leaves its latest state behind
+            self._compute.shutdown(wait=True, cancel_futures=True)
+            if self.sync is not None:
+                self.sync.shutdown()
+        return self.move_to
+
+    async def _relay_stop(self, stop: threading.Event) -> None:
+        while not self._halt.is_set():
+            if await asyncio.to_thread(stop.wait, 0.5):
+                self._halt.set()
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait `seconds` or until halted; True while the server should go on."""
+        return not await asyncio.to_thread(self._halt.wait, seconds)
+
+    async def _heartbeat_loop(self, ready_file: Path | None) -> None:
+        # Never waits long for the compute thread: an averaging round there must not stop the heartbeat,
+        # or the replica would vanish from the DHT in the middle of its round.
+        network = self.config.network
+        max_age = self.config.model_pipeline.forward_timeout + self.config.model_pipeline.backward_timeout
+        announced = False
+        while not self._halt.is_set():
+            if await self._announce():
+                if not announced:
+                    self.events.emit("serving", uid=self.info.uid)
+                    announced = True
+                if ready_file is not None and not ready_file.exists():
+                    ready_file.write_text(self.info.uid)
+            if not self._syncing:
+                dropped = await self._run(self.replica.drop_expired, max_age)
+                if dropped:
+                    logger.warning("dropped %d micro-batches whose backward never came", dropped)
+            await self._pause(network.heartbeat_period)
+
+    async def _announce(self) -> bool:
+        network = self.config.network
+        try:
+            info = await self._refresh_info()
+            await asyncio.to_thread(
+                records.announce_server,
+                self.dht,
+                self.config.experiment_prefix,
+                info,
+                network.heartbeat_expiry,
+                network.dht_timeout,
+            )
+        except SwarmError as error:
+            logger.warning("heartbeat failed: %s", error)
+            return False
+        return True
 
     async def _refresh_info(self) -> records.ServerInfo:
         now = time.monotonic()
@@ -119,7 +290,7 @@ class StageServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._run(self._describe_weights), self.config.network.heartbeat_period)
         self.info.forward_ms, self.info.backward_ms = self.calls.mean_ms["forward"], self.calls.mean_ms["backward"]
-        self.info.queue_length, self.info.in_flight = self.calls.in_progress, self.replica.in_flight
+        self.info.in_flight = self.replica.in_flight
         self.info.updated_at = time.time()
         return self.info
 
@@ -147,78 +318,9 @@ class StageServer:
             logger.warning("could not read the replicas of '%s': %s", self.info.stage, error)
             return None
 
-    async def join_stage(self) -> None:
-        """Before serving: take the state of the stage's most advanced live replica, if there is one."""
-        if self.sync is None:
-            return
-        peers = await self._stage_peers_or_none()
-        if peers is None:
-            return
-        if not peers:
-            logger.info("first replica of '%s': starting from fresh weights", self.info.stage)
-            return
-        if not await self._run(self.sync.catch_up):
-            logger.warning("no replica of '%s' gave its state: starting from fresh weights", self.info.stage)
-
-    async def serve(self, stop: threading.Event, ready_file: Path | None = None) -> None:
-        p2p = await self.dht.replicate_p2p()
-        await self.join_stage()
-        await register_stage_service(p2p, self, count_traffic=self.count_traffic)
-        logger.info("serving %s on %s as peer %s", self.info.uid, self.device, self.info.peer_id)
-        loops = [self._heartbeat_loop(stop, ready_file)]
-        if self.sync is not None:
-            loops.append(self._sync_loop(stop))
-        try:
-            await asyncio.gather(*loops)
-        finally:
-            logger.info(
-                "stopping %s after %d steps, %d samples",
-                self.info.uid,
-                self.replica.weights_version,
-                self.replica.samples,
-            )
-            self._compute.shutdown(wait=True, cancel_futures=True)
-            if self.sync is not None:
-                self.sync.shutdown()
-            await p2p.shutdown()
-
-    async def _heartbeat_loop(self, stop: threading.Event, ready_file: Path | None) -> None:
-        # Never waits long for the compute thread: an averaging round there must not stop the heartbeat,
-        # or the replica would vanish from the DHT in the middle of its round.
-        network = self.config.network
-        max_age = self.config.model_pipeline.forward_timeout + self.config.model_pipeline.backward_timeout
-        while not stop.is_set():
-            if await self._announce() and ready_file is not None and not ready_file.exists():
-                ready_file.write_text(self.info.uid)
-            if not self._syncing:
-                dropped = await self._run(self.replica.drop_expired, max_age)
-                if dropped:
-                    logger.warning("dropped %d micro-batches whose backward never came", dropped)
-            await asyncio.to_thread(stop.wait, network.heartbeat_period)
-
-    async def _announce(self) -> bool:
-        network = self.config.network
-        try:
-            info = await self._refresh_info()
-            await asyncio.to_thread(
-                records.announce_server,
-                self.dht,
-                self.config.experiment_prefix,
-                info,
-                network.heartbeat_expiry,
-                network.dht_timeout,
-            )
-        except SwarmError as error:
-            logger.warning("heartbeat failed: %s", error)
-            return False
-        return True
-
-    async def _sync_loop(self, stop: threading.Event) -> None:
+    async def _sync_loop(self) -> None:
         assert self.sync is not None
-        while not stop.is_set():
-            await asyncio.to_thread(stop.wait, self.config.network.heartbeat_period)
-            if stop.is_set():
-                break
+        while await self._pause(self.config.network.heartbeat_period):
             peers = await self._stage_peers_or_none()
             if peers is None:
                 continue
@@ -228,6 +330,72 @@ class StageServer:
             finally:
                 self._syncing = False
 
+    async def _checkpoint_loop(self) -> None:
+        while await self._pause(self.config.checkpoint.every):
+            await self.write_checkpoint()
+
+    async def _rebalance_loop(self) -> None:
+        """Move to a stage that has had no replica for `rebalance_after` s, if this is its designated spare."""
+        network = self.config.network
+        if network.rebalance_after <= 0:
+            return
+        stage_names = self.config.model_pipeline.stage_names
+        empty_since: float | None = None
+        while await self._pause(network.heartbeat_period):
+            try:
+                replicas = await asyncio.to_thread(
+                    records.fetch_replicas, self.dht, self.config.experiment_prefix, stage_names, network.dht_timeout
+                )
+            except SwarmError:
+                continue
+            target = stage_to_fill(replicas, stage_names, self.info.uid)
+            if target is None:
+                empty_since = None
+                continue
+            now = time.monotonic()
+            if empty_since is None:
+                empty_since = now
+                logger.warning(
+                    "stage '%s' has no replica: %s moves there in %.0f s unless another server fills it",
+                    target,
+                    self.info.uid,
+                    network.rebalance_after,
+                )
+            # Hysteresis: the gap must last, and a server that just arrived stays put as long.
+            if now - empty_since >= network.rebalance_after and now - self._serving_since >= network.rebalance_after:
+                logger.warning("moving from '%s' to '%s', which has no replica", self.info.stage, target)
+                self.events.emit("moving", uid=self.info.uid, to=target)
+                self.move_to = target
+                self._halt.set()
+
+
+class StageEndpoint:
+    """This peer's stage RPC, registered once: it hands each call to the stage server of the moment, so a
+    server that moves to another stage keeps its peer id and handlers. A call meant for another replica
+    (the caller's view is older than our move) is refused rather than computed with the wrong stage."""
+
+    def __init__(self) -> None:
+        self.server: StageServer | None = None
+
+    def _target(self, metadata: dict[str, Any]) -> StageServer:
+        server = self.server
+        if server is None:
+            raise StageCallError("this peer serves no stage right now")
+        wanted = metadata.get("uid")
+        if wanted is not None and wanted != server.info.uid:
+            raise StageCallError(f"this peer now serves {server.info.uid}, not {wanted}")
+        return server
+
+    async def forward(self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str):
+        return await self._target(metadata).forward(tensors, metadata, caller)
+
+    async def backward(self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str):
+        return await self._target(metadata).backward(tensors, metadata, caller)
+
+    def count_traffic(self, received: int, sent: int) -> None:
+        if self.server is not None:
+            self.server.count_traffic(received, sent)
+
 
 def choose_slot(config: Config, dht: DHT, stage: str | None, expert_index: int | None) -> tuple[str, int]:
     """The stage to serve (given, else the neediest) and a replica index that no live server uses."""
@@ -235,7 +403,10 @@ def choose_slot(config: Config, dht: DHT, stage: str | None, expert_index: int |
     if stage is not None and stage not in stage_names:
         raise ConfigError(f"--stage '{stage}' is not a stage of model_pipeline (stages: {', '.join(stage_names)})")
     replicas = records.fetch_replicas(dht, config.experiment_prefix, stage_names, config.network.dht_timeout)
-    stage = stage or stage_with_fewest_replicas(replicas, stage_names)
+    if stage is None:
+        stage = stage_with_fewest_replicas(replicas, stage_names)
+        counts = ", ".join(f"{name}: {len(replicas[name])}" for name in stage_names)
+        logger.info("taking stage '%s', the neediest (live replicas %s)", stage, counts)
     taken = {info.expert_index for info in replicas[stage]}
     if taken and not config.diloco.enable:
         logger.warning("stage '%s' has %d other replicas; with diloco.enable false they train apart", stage, len(taken))
@@ -249,6 +420,31 @@ def choose_slot(config: Config, dht: DHT, stage: str | None, expert_index: int |
     return stage, expert_index
 
 
+async def serve_stages(
+    config: Config,
+    dht: DHT,
+    stop: threading.Event,
+    stage: str | None,
+    expert_index: int | None,
+    ready_file: Path | None,
+) -> None:
+    """Serve a stage until stopped; when the server moves, build the new stage's replica and go on."""
+    p2p = await dht.replicate_p2p()
+    endpoint = StageEndpoint()
+    await register_stage_service(p2p, endpoint, count_traffic=endpoint.count_traffic)
+    try:
+        while not stop.is_set():
+            stage, expert_index = await asyncio.to_thread(choose_slot, config, dht, stage, expert_index)
+            # In this (main) thread: hivemind's averager installs signal handlers, which only the main thread may.
+            server = StageServer(config, dht, stage, expert_index)
+            stage = await server.serve(stop, endpoint, ready_file)
+            if stage is None:
+                break
+            expert_index = None
+    finally:
+        await p2p.shutdown()
+
+
 def run_server(
     config: Config,
     stop: threading.Event,
@@ -258,10 +454,6 @@ def run_server(
 ) -> None:
     dht = start_dht(config.network)
     try:
-        stage, expert_index = choose_slot(config, dht, stage, expert_index)
-        server = StageServer(config, dht, stage, expert_index)
-        if stop.is_set():
-            return
-        asyncio.run(server.serve(stop, ready_file))
+        asyncio.run(serve_stages(config, dht, stop, stage, expert_index, ready_file))
     finally:
         dht.shutdown()

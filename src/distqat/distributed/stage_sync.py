@@ -208,15 +208,31 @@ def unpack_state(
         state = torch.load(io.BytesIO(tensors[0].numpy().tobytes()), weights_only=True)
     except (RuntimeError, ValueError, EOFError) as error:
         return f"{metadata.get('uid')} sent an unreadable state: {error}"
-    # Load all three or none: a half-loaded replica would be worse than a fresh one.
-    backup = (copy.deepcopy(module.state_dict()), copy.deepcopy(optimizer.state_dict()), diloco.state_dict())
+    problem = load_replica_state(state, module, optimizer, diloco)
+    return f"{metadata.get('uid')} sent a state that does not fit this replica: {problem}" if problem else None
+
+
+def load_replica_state(
+    state: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer, diloco: DiLoCo | None
+) -> str | None:
+    """Load module, inner optimiser and (when given) DiLoCo state: all or none. None on success, else why not."""
+    # A half-loaded replica would be worse than a fresh one: keep copies to put back.
+    backup = (
+        copy.deepcopy(module.state_dict()),
+        copy.deepcopy(optimizer.state_dict()),
+        diloco.state_dict() if diloco is not None else None,
+    )
     try:
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["inner_optimizer"])
-        diloco.load_state_dict(state["diloco"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        if diloco is not None:
+            if state.get("diloco") is None:
+                raise KeyError("diloco (the state was saved with diloco.enable false)")
+            diloco.load_state_dict(state["diloco"])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
         module.load_state_dict(backup[0])
         optimizer.load_state_dict(backup[1])
-        diloco.load_state_dict(backup[2])
-        return f"{metadata.get('uid')} sent a state that does not fit this replica: {error}"
+        if diloco is not None:
+            diloco.load_state_dict(backup[2])
+        return str(error)
     return None

@@ -2,10 +2,10 @@
 
 Takes batches (from the client's data server through shared memory, or, run on its own, from its own
 copy of the dataset), pushes each through the pipeline, evaluates on held-out data every `data.eval_every`
-steps, and publishes its progress to the DHT. A failed hop
-(timeout, dead peer, server error) is logged as one line, the replica is avoided for `network.ban_time`
-seconds and the batch is retried on a fresh route; with no route at all it waits for one, and the client
-stops it if the pipeline is gone for good.
+steps, and publishes its progress to the DHT. A failed hop (timeout, dead peer, server error) is logged as
+one line and the replica is avoided for `network.ban_time` seconds: a failed forward is retried at once on
+another replica of the stage, a failed backward drops the micro-batch, which is retried whole on a fresh
+route. With no route at all it waits for one, and the client stops it if the pipeline is gone for good.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from hivemind import DHT
@@ -31,6 +32,7 @@ from distqat.distributed.evaluation import EvalResult, HeldOut
 from distqat.distributed.pipeline import LocalPipeline, Pipeline, RemotePipeline, TrafficCounter
 from distqat.errors import NoReplicaError, StageCallError, SwarmError
 from distqat.swarm import records
+from distqat.swarm.events import EventLog
 from distqat.swarm.node import start_dht
 from distqat.swarm.routing import Router
 from distqat.swarm.rpc import StageClient
@@ -148,6 +150,17 @@ async def evaluate_now(pipeline: Pipeline, held_out: HeldOut, progress: Progress
     )
 
 
+async def _unless_stopped(step: Coroutine[Any, Any, float], stop: threading.Event, poll_s: float = 0.2) -> float:
+    """Await `step`, cancelled as soon as `stop` is set: stopping must not wait for a call to a dead peer
+    to time out (its micro-batch is dropped; the replicas forget it)."""
+    task = asyncio.ensure_future(step)
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if stop.is_set() and not task.done():
+            task.cancel()
+    return task.result()  # raises CancelledError when cancelled
+
+
 async def train(
     pipeline: Pipeline,
     batches: Batches,
@@ -158,6 +171,7 @@ async def train(
     retry_wait_s: float = 1.0,
     held_out: HeldOut | None = None,
     eval_every: int = 0,
+    events: EventLog | None = None,
 ) -> None:
     """Train until `max_steps` (0: forever) or `stop`; hop failures are retried, other errors propagate."""
     inputs, labels = await asyncio.to_thread(batches.next)
@@ -165,21 +179,31 @@ async def train(
     while not stop.is_set() and (max_steps <= 0 or progress.step < max_steps):
         progress.start_step()
         try:
-            loss = await pipeline.train_step(inputs, labels)
+            loss = await _unless_stopped(pipeline.train_step(inputs, labels), stop)
+        except asyncio.CancelledError:
+            if stop.is_set():
+                break
+            raise
         except (StageCallError, NoReplicaError) as error:
             progress.failures += 1
             progress.last_error = str(error)
             progress.waiting = isinstance(error, NoReplicaError)
+            if events is not None and isinstance(error, StageCallError):  # work done on this micro-batch is lost
+                events.emit("step_failed", step=progress.step + 1, error=str(error))
             # A failed call is news; waiting for a replica is logged once, then every 30 s.
             if isinstance(error, StageCallError) or waiting_since is None or time.monotonic() - waiting_since > 30:
                 logger.error("step %d failed: %s", progress.step + 1, error)
                 waiting_since = time.monotonic() if isinstance(error, NoReplicaError) else None
             if on_no_route is not None:
                 on_no_route.set()  # ask for a fresh view of the swarm before retrying
-            await asyncio.to_thread(stop.wait, retry_wait_s)
+            if isinstance(error, NoReplicaError):
+                await asyncio.to_thread(stop.wait, retry_wait_s)
+            # After a failed call the replica at fault is banned: retry the micro-batch at once, elsewhere.
             continue
         waiting_since = None
         progress.finish_step(loss, len(labels))
+        if events is not None:
+            events.emit("step", step=progress.step)
         logger.info(
             "step %d loss %.4f (avg %.4f) %.1f samples/s",
             progress.step,
@@ -237,7 +261,13 @@ async def _train_in_swarm(
     held_out: HeldOut | None = None,
 ) -> None:
     p2p = await dht.replicate_p2p()
-    router = Router(config.model_pipeline.stage_names, ban_time=config.network.ban_time)
+    events = EventLog(progress.trainer_id)
+
+    def route_lost(uid: str, why: str) -> None:
+        logger.warning("not routing to %s any more: %s", uid, why)
+        events.emit("route_lost", uid=uid, why=why)
+
+    router = Router(config.model_pipeline.stage_names, ban_time=config.network.ban_time, on_lost=route_lost)
     pipeline = RemotePipeline(config, StageClient(p2p), router)
     peer_id = dht.peer_id.to_base58()
     wake = asyncio.Event()
@@ -257,6 +287,7 @@ async def _train_in_swarm(
             on_no_route=wake,
             held_out=held_out,
             eval_every=config.data.eval_every,
+            events=events,
         )
         finished = max_steps > 0 and progress.step >= max_steps
         await _publish(dht, config, progress.record(peer_id, pipeline.traffic, finished=finished))

@@ -1,4 +1,4 @@
-"""A stage server's view of its own calls: recent forward/backward latency and calls in progress.
+"""A stage server's view of its own calls: recent forward and backward latency.
 
 Latency is a moving average (each new call weighs ALPHA), measured from the call's arrival to its
 answer, so time spent waiting for the compute thread (behind other calls or an averaging round) counts:
@@ -19,16 +19,13 @@ ALPHA = 0.2
 class CallStats:
     def __init__(self) -> None:
         self.mean_ms: dict[str, float] = {"forward": 0.0, "backward": 0.0}
-        self.in_progress = 0
 
     @contextmanager
     def track(self, kind: Kind) -> Iterator[None]:
         began = time.monotonic()
-        self.in_progress += 1
         try:
             yield
         finally:
-            self.in_progress -= 1
             self.observe(kind, (time.monotonic() - began) * 1000.0)
 
     def observe(self, kind: Kind, elapsed_ms: float) -> None:

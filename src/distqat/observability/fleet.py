@@ -29,7 +29,7 @@ def _finite(value: float | None) -> float | None:
 def replica_state(info: ServerInfo) -> str:
     if info.averaging:
         return "averaging"
-    if info.queue_length or info.in_flight or info.samples_per_s > 0:
+    if info.queue or info.in_flight or info.samples_per_s > 0:
         return "training"
     return "idle"
 
@@ -52,7 +52,7 @@ def replica_row(info: ServerInfo, now: float) -> dict[str, Any]:
         "steps": info.steps,
         "forward_ms": info.forward_ms,
         "backward_ms": info.backward_ms,
-        "queue_length": info.queue_length,
+        "queue": info.queue,
         "in_flight": info.in_flight,
         "diloco_round": info.diloco_round,
         "bytes_activations": info.bytes_activations,

@@ -64,7 +64,7 @@ def stages_table(fleet: dict[str, Any]) -> Table:
                 f"{replica['samples_per_s']:.1f}",
                 _ms(replica["forward_ms"]),
                 _ms(replica["backward_ms"]),
-                str(replica["queue_length"]),
+                str(replica["queue"]),
                 str(replica["diloco_round"]),
             )
     return table

@@ -52,6 +52,7 @@ class ServerInfo(Record):
     samples: NonNegativeInt = 0  # samples it has trained on (backward passes)
     steps: NonNegativeInt = 0  # inner optimiser steps
     samples_per_s: NonNegativeFloat = 0.0  # recent training throughput
+    queue: int = 0  # calls waiting for or holding its compute thread at the heartbeat
     weights_digest: float = 0.0  # sum of all parameters: tells at a glance whether (and how) weights moved
     started_at: float = 0.0  # unix time
     updated_at: float = 0.0  # unix time of this heartbeat
@@ -65,7 +66,6 @@ class ServerInfo(Record):
     # Added for the monitor's live view (optional: older servers do not send them).
     forward_ms: NonNegativeFloat = 0.0  # recent mean time of a forward call here, queueing included
     backward_ms: NonNegativeFloat = 0.0  # recent mean time of a backward call here, queueing included
-    queue_length: NonNegativeInt = 0  # calls waiting for the compute thread at this heartbeat
     in_flight: NonNegativeInt = 0  # micro-batches whose forward ran and whose backward has not come yet
     batch_size: NonNegativeInt = 0  # samples in the last backward it served
 
