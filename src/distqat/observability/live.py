@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from distqat.observability.fleet import alert_changes
-from distqat.observability.render import fleet_view, headline, stages_table
+from distqat.observability.render import fleet_view, stages_table
 
 Mode = Literal["auto", "rich", "plain"]
 
@@ -155,9 +155,3 @@ class LiveView:
             self._console.print(f"alert: {alert}", style="yellow", markup=False)
         for alert in cleared:
             self._console.print(f"cleared: {alert}", markup=False)
-
-    def final_headline(self) -> str | None:
-        row = self.last_row
-        if row is None or not row.get("fleet"):
-            return None
-        return headline(row["fleet"], row.get("steps"))
