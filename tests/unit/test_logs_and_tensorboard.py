@@ -24,6 +24,7 @@ def restore_logging():
 
 def test_lines_carry_role_and_peer(monkeypatch, capsys) -> None:
     monkeypatch.delenv(logs.LEVEL_VARIABLE, raising=False)
+    logs.set_log_peer("12D3KooWSomeEarlierNodeInThisProcess")  # set-up starts afresh: no peer until the DHT
     logs.setup_logging("server")
     logging.getLogger("distqat.test").info("before the DHT")
     logs.set_log_peer("12D3KooWNyMzicdJHmzczLk2UNr5reyz6PGypReiUT2vPMAmMnKv")

@@ -41,7 +41,7 @@ def log_level() -> int:
 
 def setup_logging(role: str) -> None:
     """Log to stderr (a launcher sends it to the role's file) with the role and peer in every line."""
-    _context["role"] = role
+    _context["role"], _context["peer"] = role, "-"  # no DHT node yet in this role
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(_ContextFilter())
