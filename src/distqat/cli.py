@@ -219,7 +219,7 @@ def failover_demo(
     ),
     kill_at_step: int = typer.Option(20, "--kill-at-step", min=1, help="kill when a trainer reaches this step"),
     restart_after: float = typer.Option(
-        5.0, "--restart-after", help="seconds after the kill a new server starts (negative: none)"
+        10.0, "--restart-after", help="seconds after the kill a new server starts (negative: none)"
     ),
     replicas: int = typer.Option(2, "--replicas", min=1, help="servers per stage at the start"),
     trainers: int = typer.Option(1, "--trainers", min=1, help="trainers (the other replicas are spares)"),

@@ -238,6 +238,12 @@ class NetworkConfig(Section):
     max_pipelines: int | None = Field(
         None, ge=1, description="cap on trainers the client runs (None: one per pipeline)"
     )
+    trainer_grace: float = Field(
+        10.0,
+        ge=0,
+        description="seconds the complete pipelines must stay fewer than the trainers before the client stops "
+        "one (a replica that misses a heartbeat or two does not cost a trainer restart)",
+    )
     rebalance_after: float = Field(
         10.0,
         ge=0,

@@ -6,8 +6,8 @@ records timestamped events (`swarm.events`). At trainer step `kill_at_step` the 
 stage given, and when the run has its steps the events become a timeline and these figures:
 
 - `detect_s`: kill -> the dead server gone from the routing table of every trainer still training;
-- `reroute_s`: the longest gap between two completed steps (of any trainer) in the 30 s after the kill,
-  minus the median gap before it: the stall the failure caused;
+- `reroute_s`: the longest gap between two completed steps (of any trainer) that starts in the 30 s after
+  the kill (and before the new server starts), minus the median gap before the kill: the failure's stall;
 - `refill_s`: new server started -> the first micro-batch it trained;
 - `steps_lost`: micro-batches dropped after the kill (their work was lost and they were retried);
 - `steps_total`, `step_s` (median gap between steps before the kill).
@@ -49,7 +49,7 @@ class FailoverError(DistQatError):
 class FailoverPlan:
     kill: list[str]  # uids of the servers to kill, e.g. head.0.0.0
     kill_at_step: int = 20
-    restart_after: float = 5.0  # seconds after the kill a new server starts; negative: none starts
+    restart_after: float = 10.0  # seconds after the kill a new server starts; negative: none starts
     replicas: int = 2  # servers per stage at the start
     trainers: int = 1  # cap on trainers (network.max_pipelines): the other replicas are spares
     max_steps: int = 80
@@ -200,10 +200,10 @@ def figures(run: FailoverRun) -> dict[str, Any]:
             lost_at.setdefault((e["role"], e["uid"]), e["t"])
     detections = [lost_at.get((role, uid)) for role in trained_after for uid in run.killed]
     detect_s = max(t - run.killed_at for t in detections) if detections and None not in detections else None
-    # The stall: the longest gap that ends after the kill and starts before the window closes.
-    around = [
-        b - a for a, b in itertools.pairwise(step_times) if b > run.killed_at and a < run.killed_at + REROUTE_WINDOW_S
-    ]
+    # The stall: the longest gap that ends after the kill and starts before the window closes. The window
+    # closes when the new server starts: its start-up competes for the CPU, which is not the failure's stall.
+    window_end = min(run.killed_at + REROUTE_WINDOW_S, run.new_server_at or float("inf"))
+    around = [b - a for a, b in itertools.pairwise(step_times) if b > run.killed_at and a < window_end]
     reroute_s = max(around) - step_s if around and step_s is not None else None
     refill_s = None
     if run.new_server_at is not None:

@@ -77,7 +77,6 @@ def test_a_killed_only_replica_is_refilled_from_its_checkpoint(tmp_path: Path) -
     assert "taking stage 'tail'" in new_server
     assert "starts from checkpoint" in new_server  # the stage's last state, not a fresh init
     assert figures["refill_s"] is not None
-    assert len(trainer_pids(log_dir)) == 2  # no pipeline for a while: the client stopped the trainer, then restarted it
 
 
 def test_two_broken_pipelines_recombine_into_one(tmp_path: Path) -> None:

@@ -92,3 +92,22 @@ def test_finished_trainer_is_not_restarted(clock) -> None:
     fleet.reconcile(1)
     assert supervisor.started == ["trainer_0"]
     assert fleet.running == 0
+
+
+def test_a_pipeline_missing_for_less_than_the_grace_costs_no_trainer(clock) -> None:
+    supervisor = FakeSupervisor()
+    fleet = TrainerFleet(supervisor, Path("cfg.yaml"), Path("logs"), max_steps=0, stop_grace=10.0)
+    fleet.reconcile(2)
+    fleet.reconcile(1)  # a replica missed its heartbeats
+    clock[0] += 9.0
+    fleet.reconcile(1)
+    assert supervisor.stopped == []
+    fleet.reconcile(2)  # it is back: the count starts over
+    clock[0] += 5.0
+    fleet.reconcile(1)
+    clock[0] += 9.0
+    fleet.reconcile(1)
+    assert supervisor.stopped == []
+    clock[0] += 1.5
+    fleet.reconcile(1)
+    assert supervisor.stopped == ["trainer_1"] and fleet.running == 1

@@ -2,9 +2,10 @@
 
 Every `network.client_poll_period` seconds it counts complete pipelines in the DHT (the smallest replica
 count over the stages, capped by `network.max_pipelines`), starts trainers up to that number, stops the
-extras, and restarts a trainer that crashed (with a growing back-off). A trainer that finished its
-`--max-steps` is not restarted. Before any trainer it starts the data server (`data_server.enable`), whose
-address and per-run secret reach the trainers in their environment.
+extras once they have lacked a pipeline for `network.trainer_grace` seconds, and restarts a trainer that
+crashed (with a growing back-off). A trainer that finished its `--max-steps` is not restarted. Before any
+trainer it starts the data server (`data_server.enable`), whose address and per-run secret reach the
+trainers in their environment.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ class TrainerFleet:
         log_dir: Path,
         max_steps: int,
         env: dict[str, str] | None = None,
+        stop_grace: float = 0.0,
     ):
         self._supervisor = supervisor
+        self.stop_grace = stop_grace  # seconds pipelines must stay fewer than trainers before one is stopped
+        self._fewer_since: float | None = None
         self._config_path, self._log_dir, self._max_steps = config_path, log_dir, max_steps
         self.env = dict(env or {})  # the data server's address and secret, for every trainer
         self.slots: dict[int, TrainerSlot] = {}
@@ -100,11 +104,25 @@ class TrainerFleet:
                     env={"DISTQAT_NUM_THREADS": "1", **self.env},
                 )
                 logger.info("started trainer_%d (pid %d)", index, slot.process.pid)
-        for index, slot in self.slots.items():
-            if index >= wanted and slot.process is not None:
-                logger.info("stopping trainer_%d: its pipeline is gone", index)
-                self._supervisor.stop(f"trainer_{index}")
-                slot.process = None
+        extras = [index for index, slot in self.slots.items() if index >= wanted and slot.process is not None]
+        if not extras:
+            self._fewer_since = None
+            return
+        if self._fewer_since is None:
+            self._fewer_since = now
+            if self.stop_grace > 0:
+                logger.info(
+                    "fewer pipelines than trainers: stopping %d in %.0f s unless they come back",
+                    len(extras),
+                    self.stop_grace,
+                )
+        if now - self._fewer_since < self.stop_grace:
+            return
+        for index in extras:
+            logger.info("stopping trainer_%d: its pipeline is gone", index)
+            self._supervisor.stop(f"trainer_{index}")
+            self.slots[index].process = None
+        self._fewer_since = None
 
     @property
     def running(self) -> int:
@@ -118,7 +136,7 @@ def run_client(config: Config, stop: threading.Event, log_dir: Path, max_steps: 
     dump_config(config, config_path)
     dht = start_dht(config.network, client_mode=True)
     supervisor = ProcessSupervisor()
-    fleet = TrainerFleet(supervisor, config_path, log_dir, max_steps)
+    fleet = TrainerFleet(supervisor, config_path, log_dir, max_steps, stop_grace=config.network.trainer_grace)
     data_supervisor = ProcessSupervisor()  # stopped after the trainers, so none sees its batches vanish
     last_state = None
     try:

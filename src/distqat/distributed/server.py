@@ -202,12 +202,13 @@ class StageServer:
 
     async def serve(self, stop: threading.Event, endpoint: StageEndpoint, ready_file: Path | None = None) -> str | None:
         """Join the stage, serve it until `stop`; returns the stage to move to, or None when stopped."""
+        joining = time.monotonic()
         source = await self.join_stage()
-        logger.info("%s starts from %s", self.info.uid, source)
+        logger.info("%s starts from %s (%.1f s)", self.info.uid, source, time.monotonic() - joining)
         endpoint.server = self
         self._serving_since = time.monotonic()
         logger.info("serving %s on %s as peer %s", self.info.uid, self.device, self.info.peer_id)
-        loops = [self._relay_stop(stop), self._heartbeat_loop(ready_file), self._rebalance_loop()]
+        loops = [self._relay_stop(stop), self._heartbeat_loop(ready_file), self._expiry_loop(), self._rebalance_loop()]
         if self.sync is not None:
             loops.append(self._sync_loop())
         if self.config.checkpoint.enable:
@@ -241,8 +242,6 @@ class StageServer:
     async def _heartbeat_loop(self, ready_file: Path | None) -> None:
         # Never waits long for the compute thread: an averaging round there must not stop the heartbeat,
         # or the replica would vanish from the DHT in the middle of its round.
-        network = self.config.network
-        max_age = self.config.model_pipeline.forward_timeout + self.config.model_pipeline.backward_timeout
         announced = False
         while not self._halt.is_set():
             if await self._announce():
@@ -251,11 +250,16 @@ class StageServer:
                     announced = True
                 if ready_file is not None and not ready_file.exists():
                     ready_file.write_text(self.info.uid)
+            await self._pause(self.config.network.heartbeat_period)
+
+    async def _expiry_loop(self) -> None:
+        # Apart from the heartbeat: this waits for the compute thread, which a queue of calls can hold for long.
+        max_age = self.config.model_pipeline.forward_timeout + self.config.model_pipeline.backward_timeout
+        while await self._pause(max(1.0, max_age / 4)):
             if not self._syncing:
                 dropped = await self._run(self.replica.drop_expired, max_age)
                 if dropped:
                     logger.warning("dropped %d micro-batches whose backward never came", dropped)
-            await self._pause(network.heartbeat_period)
 
     async def _announce(self) -> bool:
         network = self.config.network
@@ -436,13 +440,22 @@ async def serve_stages(
         while not stop.is_set():
             stage, expert_index = await asyncio.to_thread(choose_slot, config, dht, stage, expert_index)
             # In this (main) thread: hivemind's averager installs signal handlers, which only the main thread may.
+            built = time.monotonic()
             server = StageServer(config, dht, stage, expert_index)
+            logger.info("built %s and its averager in %.1f s", server.info.uid, time.monotonic() - built)
             stage = await server.serve(stop, endpoint, ready_file)
             if stage is None:
                 break
             expert_index = None
     finally:
         await p2p.shutdown()
+
+
+def _warm_up_models(config: Config) -> None:
+    try:
+        build_pipeline_stage(config.model_pipeline, 0, config.data, config.seed)
+    except Exception as error:  # the real build reports it properly; this is only a head start
+        logger.debug("model warm-up failed: %s", error)
 
 
 def run_server(
@@ -452,7 +465,14 @@ def run_server(
     expert_index: int | None = None,
     ready_file: Path | None = None,
 ) -> None:
+    started = time.monotonic()
+    # Joining the DHT is mostly waiting for p2pd; meanwhile a thread pays the model code's first-use costs
+    # (lazy imports of torchvision/transformers), which would otherwise delay the server after it joined.
+    warm_up = threading.Thread(target=_warm_up_models, args=(config,), name="warm-up", daemon=True)
+    warm_up.start()
     dht = start_dht(config.network)
+    warm_up.join()
+    logger.info("joined the DHT in %.1f s", time.monotonic() - started)
     try:
         asyncio.run(serve_stages(config, dht, stop, stage, expert_index, ready_file))
     finally:
