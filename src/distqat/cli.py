@@ -202,6 +202,46 @@ def export_command(
     _run(body)
 
 
+@app.command(context_settings=OVERRIDES)
+def status(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="print the swarm as JSON (for scripts)"),
+    timeout: float = typer.Option(20.0, "--timeout", min=1.0, help="seconds to join the swarm and read it"),
+) -> None:
+    """Print the live swarm once: stages with their replicas, trainers, alerts (needs --initial-peers)."""
+    from rich.console import Console
+
+    from distqat.observability.status import print_status
+
+    def body(stop: threading.Event) -> None:
+        import logging
+
+        logging.basicConfig(level=logging.ERROR)  # hivemind's warnings would clutter a table meant for a glance
+        print_status(_load(config_path, ctx), as_json, timeout, Console(highlight=False))
+
+    _run(body)
+
+
+@app.command(context_settings=OVERRIDES)
+def plot(
+    ctx: typer.Context,
+    config_path: Path = ConfigOption,
+    log_dir: Path = typer.Option(None, "--log-dir", help="the run's log dir (default: the config's)"),
+) -> None:
+    """Draw (again) the PNG plots of a run from its metrics.jsonl, into <log dir>/plots."""
+    from distqat.observability.plots import plot_run
+
+    def body(stop: threading.Event) -> None:
+        directory = log_dir or _load(config_path, ctx).resolved_log_dir
+        if not (directory / "metrics.jsonl").is_file():
+            raise DistQatError(f"{directory / 'metrics.jsonl'}: no such file (is --log-dir the run's log dir?)")
+        for path in plot_run(directory):
+            typer.echo(str(path))
+
+    _run(body)
+
+
 @app.command("failover-demo", context_settings=OVERRIDES)
 def failover_demo(
     ctx: typer.Context,

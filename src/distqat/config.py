@@ -344,6 +344,22 @@ class NetworkConfig(Section):
         return self
 
 
+class MonitorConfig(Section):
+    tensorboard: bool = Field(
+        False, description="also write the monitor's metrics as TensorBoard event files in <log_dir>/tensorboard"
+    )
+    plots: bool = Field(True, description="draw PNG plots of the run in <log_dir>/plots when the monitor stops")
+    live_view: Literal["auto", "rich", "plain"] = Field(
+        "auto", description="launchers' progress display: 'rich' live tables, 'plain' lines; 'auto': rich on a terminal"
+    )
+    straggler_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="a replica or trainer below this fraction of its peers' median samples/s is a straggler",
+    )
+
+
 class Config(Section):
     experiment_prefix: str = Field("distqat", description="names the run: log dir, W&B run, DHT keys")
     wandb_project: str | None = Field(None, description="W&B project; None: no W&B")
@@ -362,6 +378,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data_server: DataServerConfig = Field(default_factory=DataServerConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @field_validator("experiment_prefix")
     @classmethod

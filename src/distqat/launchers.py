@@ -24,6 +24,8 @@ from distqat.config import Config, dump_config
 from distqat.distributed.monitor import INITIAL_PEERS_FILE, METRICS_FILE
 from distqat.errors import DistQatError
 from distqat.launch import ProcessSupervisor, RoleProcess
+from distqat.observability.live import LiveView
+from distqat.observability.plots import PLOTS_DIR
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -89,8 +91,9 @@ def describe_exit(process: RoleProcess, code: int) -> str:
 def wait_for_file(path: Path, owner: RoleProcess, stop: threading.Event, timeout: float = ROLE_START_TIMEOUT) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not stop.is_set():
-        if path.exists():
-            return path.read_text().strip()
+        content = path.read_text().strip() if path.exists() else ""
+        if content:  # an empty file is one its writer has created but not yet written
+            return content
         code = owner.poll()
         if code is not None:
             raise LaunchError(describe_exit(owner, code))
@@ -108,33 +111,6 @@ def threads_per_server(num_servers: int, num_stages: int) -> int:
     """
     pipelines = max(1, num_servers // max(1, num_stages))
     return max(1, (os.cpu_count() or 1) // pipelines)
-
-
-class ProgressPrinter:
-    """Echoes the monitor's `metrics.jsonl` rows as progress lines."""
-
-    def __init__(self, path: Path):
-        self._path, self._offset, self._last_steps = path, 0, -1
-
-    def poll(self) -> None:
-        try:
-            with self._path.open() as handle:
-                handle.seek(self._offset)
-                chunk = handle.read()
-        except FileNotFoundError:
-            return
-        complete, _, _ = chunk.rpartition("\n")
-        self._offset += len(complete) + (1 if complete else 0)
-        for line in filter(None, complete.splitlines()):
-            row = json.loads(line)
-            if row["steps"] == self._last_steps:
-                continue
-            self._last_steps = row["steps"]
-            loss = f"{row['loss']:.4f}" if row.get("loss") is not None else "-"
-            console.print(
-                f"step {row['steps']:>5} | loss {loss} | {row['samples_per_s']:7.1f} samples/s | "
-                f"pipelines {row['pipelines']} | servers {row['servers']}"
-            )
 
 
 SUMMARY_ROWS = {
@@ -175,7 +151,7 @@ def _watch(
     supervisor: ProcessSupervisor,
     stop: threading.Event,
     done: Callable[[str, int], bool],
-    printer: ProgressPrinter | None,
+    printer: LiveView | None,
     essential: Callable[[str], bool] = lambda name: True,
 ) -> None:
     """Block until `done(name, code)` accepts a role's exit, or stop.
@@ -238,6 +214,7 @@ def _run_monitored(
     summary_path: Path | None,
     announce: Callable[[str], None],
     start_servers: Callable[[ProcessSupervisor, Path, Path, str], None] | None = None,
+    expected_servers: int | None = None,
 ) -> dict[str, Any] | None:
     """Monitor, optional local servers, client; until the monitor ends the run or we are stopped."""
     started_at = time.time()
@@ -254,14 +231,21 @@ def _run_monitored(
         if start_servers is not None:
             start_servers(supervisor, config_path, log_dir, peers)
         _start_client(supervisor, config_path, log_dir, peers, max_steps)
-        _watch(
-            supervisor,
-            stop,
-            lambda name, code: name == "monitor" and code == 0,
-            ProgressPrinter(log_dir / METRICS_FILE),
-            essential=lambda name: not name.startswith("server_"),  # the swarm lives on without a server
+        live = LiveView(
+            log_dir / METRICS_FILE, console, config.monitor.live_view, expected_servers, started_at=started_at
         )
+        with live:
+            _watch(
+                supervisor,
+                stop,
+                lambda name, code: name == "monitor" and code == 0,
+                live,
+                essential=lambda name: not name.startswith("server_"),  # the swarm lives on without a server
+            )
         supervisor.stop("client")  # trainers first, so that none sees its servers vanish mid-step
+    plots = sorted((log_dir / PLOTS_DIR).glob("*.png"))
+    if plots:
+        console.print(f"plots in {log_dir / PLOTS_DIR}: {', '.join(path.name for path in plots)}")
     return _read_summary(summary_path)
 
 
@@ -298,7 +282,13 @@ def run_local(
         f"[bold]distqat local[/]: {config.experiment_prefix}, {num_servers} servers over stages {stage_names}"
     )
     return _run_monitored(
-        config, stop, max_steps, summary_path, lambda peers: console.print(f"DHT up at {peers}"), start_servers
+        config,
+        stop,
+        max_steps,
+        summary_path,
+        lambda peers: console.print(f"DHT up at {peers}"),
+        start_servers,
+        expected_servers=num_servers,
     )
 
 

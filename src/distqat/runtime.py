@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import torch
 
 from distqat.errors import ConfigError
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+from distqat.observability.logs import setup_logging
 
 
 def setup_role_process(role: str) -> logging.Logger:
-    """Log to stderr (the launcher sends it to the role's file) and use the threads the launcher gave us."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    """Log to stderr (the launcher sends it to the role's file; each line names the role and, once its DHT is
+    up, the peer; DISTQAT_LOGLEVEL sets the level) and use the threads the launcher gave us."""
+    try:
+        setup_logging(role)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     threads = os.environ.get("DISTQAT_NUM_THREADS")
     if threads:
         torch.set_num_threads(max(1, int(threads)))

@@ -79,3 +79,17 @@ def test_first_loss_is_the_window_of_the_first_life() -> None:
     assert view.first_loss["trainer_0"] == 2.1
     view.update([metrics("trainer_0", 3, 3.0, first=0.9)], {}, [])  # restarted: its window starts late
     assert view.first_loss["trainer_0"] == 2.1
+
+
+def test_restarts_keep_first_step_time_traffic_and_failures() -> None:
+    view = SwarmView()
+    first = metrics("trainer_0", 8, 10.0)
+    first.bytes_sent, first.failures = 800, 2
+    view.update([first], {}, [])
+    second = metrics("trainer_0", 3, 20.0)
+    second.first_step_at, second.bytes_sent, second.failures = 150.0, 300, 1
+    view.update([second], {}, [])  # restarted later: its own first step is later
+    summary = view.summary(started_at=90.0, now=200.0)
+    assert summary["startup_s"] == 10.0  # the run's first step, not the restarted trainer's
+    assert summary["bytes_sent"] == 1100
+    assert summary["failed_steps"] == 3

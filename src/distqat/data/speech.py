@@ -8,6 +8,7 @@ Debian package `espeak-ng`, resampled to 16 kHz. It is synthesised once and cach
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import subprocess
 import warnings
@@ -22,6 +23,7 @@ from distqat.config import DataConfig
 from distqat.data.datasets import SAMPLE_RATE, AudioDataset, pad_waves
 from distqat.data.text import cache_dir
 from distqat.errors import DataError
+from distqat.observability.progress import track
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029")
@@ -31,6 +33,8 @@ SPEEDS = (140, 180)  # words per minute
 SYNTH_TIMEOUT_S = 30.0
 CACHE_VERSION = 1
 ESPEAK_HINT = "install it: apt-get install -y --no-install-recommends espeak-ng"
+
+logger = logging.getLogger(__name__)
 
 
 def resample(wave: np.ndarray, rate: int) -> np.ndarray:
@@ -96,7 +100,8 @@ def generate_spoken_digits(
         for digit in range(len(DIGITS))
     ]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        waves = list(pool.map(lambda job: synthesise(DIGITS[job[0]], job[1], job[3]), jobs))
+        synthesised = pool.map(lambda job: synthesise(DIGITS[job[0]], job[1], job[3]), jobs)
+        waves = list(track(synthesised, len(jobs), "synthesising spoken_digits (once, then cached)", logger))
     lengths = np.array([len(w) for w in waves], dtype=np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial.npz")

@@ -2,7 +2,10 @@
 
 It writes `initial_peers.txt` in the log dir (the addresses other peers join through), reads the
 servers' and trainers' records every half second, appends the swarm's state to `metrics.jsonl` (and
-W&B), and, when `--max-steps` is set, writes the run summary and exits once the trainers' steps add up.
+W&B, and TensorBoard with `monitor.tensorboard`), and, when `--max-steps` is set, writes the run summary
+and exits once the trainers' steps add up. Each row holds a `fleet` section (stages with their replicas,
+trainers, alerts: see `distqat.observability.fleet`) that the launchers' live view draws; when the
+monitor stops it draws the run's plots (`monitor.plots`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from typing import Any
 from distqat.config import Config
 from distqat.distributed.sinks import JsonlSink, WandbSink
 from distqat.errors import SwarmError
+from distqat.observability.fleet import STRAGGLER_RATIO, alert_changes, fleet_snapshot
+from distqat.observability.plots import FILES as PLOT_FILES
+from distqat.observability.plots import PLOTS_DIR, plot_run
+from distqat.observability.tensorboard import TensorBoardSink
 from distqat.swarm import records
 from distqat.swarm.node import start_dht, visible_maddrs
 from distqat.swarm.pipelines import count_complete_pipelines
@@ -39,9 +46,15 @@ class SwarmView:
     restarted: set[str] = field(default_factory=set)
     retired_steps: int = 0
     retired_samples: int = 0
+    # A restarted trainer's record starts from zero: what its earlier lives did is kept here.
+    retired: dict[str, int] = field(default_factory=lambda: {"bytes_sent": 0, "bytes_received": 0, "failures": 0})
+    first_step_at: dict[str, float] = field(default_factory=dict)  # the earliest any life of each trainer saw
     replicas: dict[str, list[records.ServerInfo]] = field(default_factory=dict)
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> what we saw of it, first and last
     pipelines: int = 0
+    stage_names: list[str] = field(default_factory=list)
+    straggler_ratio: float = STRAGGLER_RATIO
+    alerts: dict[str, str] = field(default_factory=dict)  # of the last row, by key
 
     def update(
         self,
@@ -56,8 +69,13 @@ class SwarmView:
             if previous is not None and metrics.step < previous.step:
                 self.retired_steps += previous.step
                 self.retired_samples += previous.samples
+                for key in self.retired:
+                    self.retired[key] += getattr(previous, key)
                 self.restarted.add(metrics.trainer_id)
             self.latest[metrics.trainer_id] = metrics
+            if metrics.first_step_at > 0:
+                earliest = self.first_step_at.get(metrics.trainer_id, metrics.first_step_at)
+                self.first_step_at[metrics.trainer_id] = min(earliest, metrics.first_step_at)
             # first_loss_avg grows to its window over the first steps; a restarted trainer's starts later.
             if math.isfinite(metrics.first_loss_avg) and metrics.trainer_id not in self.restarted:
                 self.first_loss[metrics.trainer_id] = metrics.first_loss_avg
@@ -79,6 +97,7 @@ class SwarmView:
                 bytes_averaging=info.bytes_averaging,
             )
         self.pipelines = count_complete_pipelines(replicas, stage_names)
+        self.stage_names = list(stage_names)
 
     def traffic(self) -> dict[str, int]:
         """Bytes moved by the servers seen, live or gone, split into stage traffic and averaging."""
@@ -93,6 +112,10 @@ class SwarmView:
         for seen in self.servers.values():
             rounds[seen["stage"]] = max(rounds.get(seen["stage"], 0), seen["diloco_round"])
         return rounds
+
+    def total(self, key: str) -> int:
+        """A trainer counter (bytes_sent, bytes_received, failures) over every life of every trainer."""
+        return self.retired[key] + sum(getattr(m, key) for m in self.latest.values())
 
     @property
     def steps(self) -> int:
@@ -120,18 +143,22 @@ class SwarmView:
                     "loss": m.loss_avg,
                     "samples_per_s": m.samples_per_s,
                     "failures": m.failures,
+                    "eval_step": m.eval_step,
+                    "eval_loss": m.eval_loss,
+                    "eval_accuracy": m.eval_accuracy,
                 }
                 for m in self.latest.values()
             },
-            "bytes_sent": sum(m.bytes_sent for m in self.latest.values()),
-            "bytes_received": sum(m.bytes_received for m in self.latest.values()),
+            "bytes_sent": self.total("bytes_sent"),
+            "bytes_received": self.total("bytes_received"),
             **self.traffic(),
             "diloco_rounds": self.diloco_rounds(),
+            "fleet": fleet_snapshot(self.latest.values(), self.replicas, self.stage_names, now, self.straggler_ratio),
         }
 
     def summary(self, started_at: float, now: float) -> dict[str, Any]:
         trainers = list(self.latest.values())
-        first_steps = [m.first_step_at for m in trainers if m.first_step_at > 0]
+        first_steps = list(self.first_step_at.values())
         last = [m.loss_avg for m in trainers if math.isfinite(m.loss_avg)]
         return {
             "mode": "swarm",
@@ -147,9 +174,9 @@ class SwarmView:
             "pipelines": self.pipelines,
             "servers": sum(len(r) for r in self.replicas.values()),
             "trainers": len(trainers),
-            "failed_steps": sum(m.failures for m in trainers),
-            "bytes_sent": sum(m.bytes_sent for m in trainers),
-            "bytes_received": sum(m.bytes_received for m in trainers),
+            "failed_steps": self.total("failures"),
+            "bytes_sent": self.total("bytes_sent"),
+            "bytes_received": self.total("bytes_received"),
             **self.traffic(),
             "diloco_rounds": self.diloco_rounds(),
             "servers_seen": self.servers,
@@ -167,8 +194,8 @@ def run_monitor(
     started_at = started_at or time.time()
     stage_names = config.model_pipeline.stage_names
     dht = start_dht(config.network)
-    sinks: list[JsonlSink | WandbSink] = []
-    view = SwarmView()
+    sinks: list[JsonlSink | WandbSink | TensorBoardSink] = []
+    view = SwarmView(straggler_ratio=config.monitor.straggler_ratio)
     try:
         peers = ",".join(visible_maddrs(dht))
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -178,12 +205,19 @@ def run_monitor(
         staging.replace(log_dir / INITIAL_PEERS_FILE)
         logger.info("DHT up; initial peers: %s", peers)
         sinks.append(JsonlSink(log_dir / METRICS_FILE))
+        for stale in PLOT_FILES:  # an earlier run's plots must not pass for this run's
+            (log_dir / PLOTS_DIR / stale).unlink(missing_ok=True)
         wandb_sink = WandbSink.open(
             config.wandb_project, config.wandb_entity, config.experiment_prefix, config.model_dump(mode="json")
         )
         if wandb_sink is not None:
             sinks.append(wandb_sink)
-        last_logged_steps, last_row_at = -1, 0.0
+        if config.monitor.tensorboard:
+            tensorboard_sink = TensorBoardSink.open(log_dir / "tensorboard")
+            if tensorboard_sink is not None:
+                sinks.append(tensorboard_sink)
+        last_shape: tuple[int, ...] = (-1,)
+        last_row_at = 0.0
         while not stop.is_set():
             try:
                 trainers = records.fetch_trainer_metrics(dht, config.experiment_prefix, config.network.dht_timeout)
@@ -194,7 +228,9 @@ def run_monitor(
             except SwarmError as error:
                 logger.warning("could not read the swarm: %s", error)
             now = time.time()
-            if view.steps != last_logged_steps or now - last_row_at > 5.0:
+            # A row per new step total, and per change in who is there (the live view's set-up bar follows it).
+            shape = (view.steps, view.pipelines, sum(len(r) for r in view.replicas.values()), len(view.latest))
+            if shape != last_shape or now - last_row_at > 5.0:
                 row = view.row(now)
                 for sink in sinks:
                     sink.log(row)
@@ -206,7 +242,8 @@ def run_monitor(
                     row["pipelines"],
                     row["servers"],
                 )
-                last_logged_steps, last_row_at = view.steps, now
+                last_shape, last_row_at = shape, now
+                _log_alert_changes(view, row["fleet"])
             if max_steps > 0 and view.steps >= max_steps:
                 logger.info("reached %d steps: run complete", view.steps)
                 break
@@ -218,3 +255,24 @@ def run_monitor(
         for sink in sinks:
             sink.close()
         dht.shutdown()
+        if config.monitor.plots:
+            _draw_plots(log_dir)
+
+
+def _log_alert_changes(view: SwarmView, fleet: dict[str, Any]) -> None:
+    appeared, cleared, view.alerts = alert_changes(view.alerts, fleet)
+    for alert in appeared:
+        logger.warning("alert: %s", alert)
+    for alert in cleared:
+        logger.info("cleared: %s", alert)
+
+
+def _draw_plots(log_dir: Path) -> None:
+    # After the DHT is down: a slow or failing plot must never cost the run its summary or its peers.
+    try:
+        written = plot_run(log_dir, METRICS_FILE)
+    except Exception as error:  # matplotlib raises many types (fonts, backends, bad data); none ends the run badly
+        logger.warning("could not draw the plots: %s", error)
+        return
+    if written:
+        logger.info("plots: %s", ", ".join(str(path) for path in written))

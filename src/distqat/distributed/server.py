@@ -34,6 +34,7 @@ from distqat.distributed.replica import StageReplica
 from distqat.distributed.stage_sync import StageSync, load_replica_state
 from distqat.errors import ConfigError, StageCallError, SwarmError
 from distqat.models import build_pipeline_stage
+from distqat.observability.call_stats import CallStats
 from distqat.quant.scheme import boundary_quantizer
 from distqat.quant.stages import build_stage
 from distqat.runtime import autocast, resolve_device
@@ -106,6 +107,7 @@ class StageServer:
         )
         self._checkpointed_version = -1
         self._trained = False  # has served a backward yet
+        self.calls = CallStats()  # recent forward/backward latency, for the heartbeat
 
     def count_traffic(self, received: int, sent: int) -> None:
         self.info.bytes_activations += received + sent
@@ -121,13 +123,16 @@ class StageServer:
         inputs = boundary_codecs.decode(payload, metadata.get("codec"))
         if metadata.get("eval"):  # held-out evaluation: no backward follows, keep nothing
             return self._encoded(await self._run(self.replica.infer, inputs), self.output_codec)
-        outputs = await self._run(self.replica.forward, caller, str(metadata["mb"]), inputs)
+        with self.calls.track("forward"):
+            outputs = await self._run(self.replica.forward, caller, str(metadata["mb"]), inputs)
         return self._encoded(outputs, self.output_codec)
 
     async def backward(self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str):
         (payload,) = tensors
         grad_outputs = boundary_codecs.decode(payload, metadata.get("codec"))
-        grad_inputs = await self._run(self.replica.backward, caller, str(metadata["mb"]), grad_outputs)
+        with self.calls.track("backward"):
+            grad_inputs = await self._run(self.replica.backward, caller, str(metadata["mb"]), grad_outputs)
+        self.info.batch_size = len(grad_outputs)
         if not self._trained:
             self._trained = True
             self.events.emit("first_backward", uid=self.info.uid)
@@ -261,7 +266,9 @@ class StageServer:
                     self.events.emit("serving", uid=self.info.uid)
                     announced = True
                 if ready_file is not None and not ready_file.exists():
-                    ready_file.write_text(self.info.uid)
+                    partial = ready_file.with_name(ready_file.name + ".partial")
+                    partial.write_text(self.info.uid)
+                    partial.replace(ready_file)  # a reader never sees the file half written
             await self._pause(self.config.network.heartbeat_period)
 
     async def _expiry_loop(self) -> None:
@@ -305,6 +312,8 @@ class StageServer:
             # Read on the compute thread, so the digest and the step count describe the same weights.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._run(self._describe_weights), self.config.network.heartbeat_period)
+        self.info.forward_ms, self.info.backward_ms = self.calls.mean_ms["forward"], self.calls.mean_ms["backward"]
+        self.info.in_flight = self.replica.in_flight
         self.info.updated_at = time.time()
         return self.info
 

@@ -1,4 +1,5 @@
-"""Where the monitor's view of the swarm goes: `metrics.jsonl` in the log dir, and W&B when asked for.
+"""Where the monitor's view of the swarm goes: `metrics.jsonl` in the log dir, and W&B when asked for
+(TensorBoard: `distqat.observability.tensorboard`).
 
 W&B is optional: no `wandb_project`, no wandb package, or no login turn it off with one log line, never
 an error. `WANDB_MODE=offline` works with no login.
@@ -11,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from distqat.observability.scalars import fleet_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,9 @@ class WandbSink:
         return cls(run)
 
     def log(self, row: dict[str, Any]) -> None:
-        self._run.log(row)
+        # Flat, named scalars (loss per trainer and overall, samples/s, live replicas per stage, bytes):
+        # W&B charts numbers, and would otherwise store the nested fleet tables as opaque dicts.
+        self._run.log(fleet_scalars(row))
 
     def close(self) -> None:
         import wandb

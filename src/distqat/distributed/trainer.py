@@ -57,12 +57,19 @@ class Progress:
     first_step_at: float = 0.0
     eval_step: int = 0
     last_eval: EvalResult | None = None
+    batch_size: int = 0
+    waiting: bool = False  # the last attempt found no route
+    step_times: deque[float] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))  # seconds
+    _step_began: float = 0.0
 
     def start_step(self) -> None:
+        self._step_began = time.monotonic()
         if self.started is None:
-            self.started = time.monotonic()
+            self.started = self._step_began
 
     def finish_step(self, loss: float, batch_size: int) -> None:
+        self.step_times.append(time.monotonic() - self._step_began)
+        self.batch_size, self.waiting = batch_size, False
         self.step += 1
         self.samples += batch_size
         self.losses.append(loss)
@@ -98,6 +105,9 @@ class Progress:
             eval_step=self.eval_step,
             eval_loss=self.last_eval.loss if self.last_eval else None,
             eval_accuracy=self.last_eval.accuracy if self.last_eval else None,
+            batch_size=self.batch_size,
+            step_ms=1000.0 * sum(self.step_times) / len(self.step_times) if self.step_times else 0.0,
+            waiting=self.waiting,
         )
 
 
@@ -177,6 +187,7 @@ async def train(
         except (StageCallError, NoReplicaError) as error:
             progress.failures += 1
             progress.last_error = str(error)
+            progress.waiting = isinstance(error, NoReplicaError)
             if events is not None and isinstance(error, StageCallError):  # work done on this micro-batch is lost
                 events.emit("step_failed", step=progress.step + 1, error=str(error))
             # A failed call is news; waiting for a replica is logged once, then every 30 s.

@@ -9,6 +9,7 @@ from hivemind import DHT
 
 from distqat.config import NetworkConfig
 from distqat.errors import SwarmError
+from distqat.observability.logs import set_log_peer
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def _free_tcp_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def start_dht(network: NetworkConfig, *, client_mode: bool = False) -> DHT:
+def start_dht(network: NetworkConfig, *, client_mode: bool = False, timeout: float = DHT_START_TIMEOUT) -> DHT:
     """Start a DHT node joining `network.initial_peers`; raise SwarmError naming them when it cannot."""
     initial_peers = network.initial_peers
     host_maddrs: list[str] = []
@@ -45,11 +46,12 @@ def start_dht(network: NetworkConfig, *, client_mode: bool = False) -> DHT:
         start=False,
     )
     try:
-        dht.run_in_background(await_ready=True, timeout=DHT_START_TIMEOUT)
+        dht.run_in_background(await_ready=True, timeout=timeout)
     except Exception as error:  # hivemind raises bare Exceptions, TimeoutError or P2PDaemonError here
         dht.shutdown()
         peers = ", ".join(initial_peers) or "no initial peers"
         raise SwarmError(f"could not start a DHT node joining {peers}: {error}") from error
+    set_log_peer(dht.peer_id.to_base58())
     return dht
 
 

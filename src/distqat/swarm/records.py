@@ -1,7 +1,9 @@
 """The DHT contract: key names, record types and expirations, spelled in this one place.
 
 Records are versioned pydantic models that ignore unknown fields, so a newer peer that adds a field
-never crashes an older one; a record that does not validate is skipped, not fatal.
+never crashes an older one; a record that does not validate (wrong type, negative count, version 0) is
+skipped with one log line, not fatal. New fields are optional with a default, so an older peer's record
+still validates here.
 
 Keys (one DHT key per kind, one subkey per peer):
   `{prefix}:stage:{stage}`   subkey = server uid   -> ServerInfo     (heartbeat, expires after heartbeat_expiry)
@@ -20,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, ValidationError
 
 from distqat.errors import SwarmError
 
@@ -33,7 +35,7 @@ ROUND_OUTCOME_TTL = 300.0  # seconds: outlives any averaging round
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    version: int = RECORD_VERSION
+    version: int = Field(RECORD_VERSION, ge=1)
 
 
 class ServerInfo(Record):
@@ -47,9 +49,9 @@ class ServerInfo(Record):
     expert_index: int
     device: str
     state: Literal["ready"] = "ready"
-    samples: int = 0  # samples it has trained on (backward passes)
-    steps: int = 0  # inner optimiser steps
-    samples_per_s: float = 0.0  # recent training throughput
+    samples: NonNegativeInt = 0  # samples it has trained on (backward passes)
+    steps: NonNegativeInt = 0  # inner optimiser steps
+    samples_per_s: NonNegativeFloat = 0.0  # recent training throughput
     queue: int = 0  # calls waiting for or holding its compute thread at the heartbeat
     weights_digest: float = 0.0  # sum of all parameters: tells at a glance whether (and how) weights moved
     started_at: float = 0.0  # unix time
@@ -59,8 +61,13 @@ class ServerInfo(Record):
     averaging: bool = False  # in an averaging round now: the other replicas of the stage join at once
     outer_digest: str = ""  # hash of θ₀: equal on replicas that applied the same rounds
     rounds_failed: int = 0  # averaging attempts that were not applied
-    bytes_activations: int = 0  # stage traffic (forward inputs/outputs, gradients), both directions
-    bytes_averaging: int = 0  # all-reduce traffic, both directions
+    bytes_activations: NonNegativeInt = 0  # stage traffic (forward inputs/outputs, gradients), both directions
+    bytes_averaging: NonNegativeInt = 0  # all-reduce traffic, both directions
+    # Added for the monitor's live view (optional: older servers do not send them).
+    forward_ms: NonNegativeFloat = 0.0  # recent mean time of a forward call here, queueing included
+    backward_ms: NonNegativeFloat = 0.0  # recent mean time of a backward call here, queueing included
+    in_flight: NonNegativeInt = 0  # micro-batches whose forward ran and whose backward has not come yet
+    batch_size: NonNegativeInt = 0  # samples in the last backward it served
 
 
 class TrainerMetrics(Record):
@@ -68,8 +75,8 @@ class TrainerMetrics(Record):
 
     trainer_id: str
     peer_id: str
-    step: int
-    samples: int
+    step: NonNegativeInt
+    samples: NonNegativeInt
     loss: float  # loss of the last step
     loss_avg: float  # mean loss of the last LOSS_WINDOW steps
     first_loss_avg: float  # mean loss of the first LOSS_WINDOW steps
@@ -77,15 +84,19 @@ class TrainerMetrics(Record):
     train_time_s: float  # seconds since its first step started
     first_step_at: float  # unix time its first step finished
     updated_at: float  # unix time of this record
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    bytes_activations: int = 0  # stage traffic, both directions (a trainer does no averaging)
-    failures: int = 0
+    bytes_sent: NonNegativeInt = 0
+    bytes_received: NonNegativeInt = 0
+    bytes_activations: NonNegativeInt = 0  # stage traffic, both directions (a trainer does no averaging)
+    failures: NonNegativeInt = 0
     finished: bool = False
     last_error: str | None = None
     eval_step: int = 0  # step of the last held-out evaluation (0: none yet)
     eval_loss: float | None = None  # mean loss on the held-out samples
     eval_accuracy: float | None = None  # fraction of held-out labels (llm: tokens) predicted right
+    # Added for the monitor's live view (optional: older trainers do not send them).
+    batch_size: NonNegativeInt = 0  # samples per step
+    step_ms: NonNegativeFloat = 0.0  # mean wall time of its recent steps (forward + backward through all stages)
+    waiting: bool = False  # its last step found no route (a stage without a live replica)
 
 
 class RoundOutcome(Record):
@@ -130,6 +141,18 @@ def _store(dht: DHT, key: str, subkey: str, value: dict[str, Any], ttl: float, t
         logger.debug("DHT store of %s/%s was not accepted by any node", key, subkey)
 
 
+def parse_record(record_type: type[R], value: Any, where: str) -> R | None:
+    """A record from what a peer stored, or None (and one warning line) when it does not validate."""
+    try:
+        return record_type.model_validate(value)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or '<record>'}: {item['msg']}" for item in error.errors()
+        )
+        logger.warning("ignoring malformed %s record %s: %s", record_type.__name__, where, problems)
+        return None
+
+
 def _get_subkeys(dht: DHT, key: str, record_type: type[R], timeout: float) -> list[R]:
     future = dht.get(key, latest=True, return_future=True)
     try:
@@ -139,13 +162,8 @@ def _get_subkeys(dht: DHT, key: str, record_type: type[R], timeout: float) -> li
         raise SwarmError(f"DHT get of '{key}' timed out after {timeout:.0f} s") from None
     if found is None or not isinstance(found.value, dict):
         return []
-    records = []
-    for subkey, entry in found.value.items():
-        try:
-            records.append(record_type.model_validate(entry.value))
-        except ValidationError as error:
-            logger.warning("ignoring malformed %s record %s under %s: %s", record_type.__name__, subkey, key, error)
-    return records
+    parsed = (parse_record(record_type, entry.value, f"{subkey} under {key}") for subkey, entry in found.value.items())
+    return [record for record in parsed if record is not None]
 
 
 def announce_server(dht: DHT, prefix: str, info: ServerInfo, ttl: float, timeout: float) -> None:
