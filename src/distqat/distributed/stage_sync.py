@@ -11,11 +11,13 @@ round counter, serialised with `torch.save` into one byte tensor: exact, and one
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import torch
@@ -155,7 +157,8 @@ class StageSync:
     def catch_up(self) -> bool:
         """Replace this replica's state by the most advanced live replica's; False if none could give it."""
         started = time.monotonic()
-        downloaded = self.averager.load_state(timeout=self.config.network.dht_timeout)
+        with _still_waiting(f"downloading the state of '{self.info.stage}' from a live replica"):
+            downloaded = self.averager.load_state(timeout=self.config.network.dht_timeout)
         if downloaded is None:
             return False
         metadata, tensors = downloaded
@@ -178,6 +181,26 @@ class StageSync:
 
     def shutdown(self) -> None:
         self.averager.shutdown()
+
+
+@contextlib.contextmanager
+def _still_waiting(what: str, every_s: float = 2.0) -> Iterator[None]:
+    """Log `what` and the seconds so far every `every_s` while the body runs: hivemind's state download
+    reports no progress of its own, and a large stage takes a while."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def report() -> None:
+        while not done.wait(every_s):
+            logger.info("%s: %.0f s so far", what, time.monotonic() - started)
+
+    reporter = threading.Thread(target=report, name="still-waiting", daemon=True)
+    reporter.start()
+    try:
+        yield
+    finally:
+        done.set()
+        reporter.join()
 
 
 def pack_state(
