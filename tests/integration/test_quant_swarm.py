@@ -4,6 +4,7 @@ activations, the head's output sent as 4-bit codes, gradients as int8) and off (
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +58,11 @@ def test_two_stage_swarm_trains_with_quantisation_on_and_off(tmp_path: Path, qua
     summary = json.loads(summary_path.read_text())
     assert summary["steps"] >= 15
     assert summary["last_loss"] < summary["first_loss"] - 0.1, summary
-    assert all(seen["steps"] > 0 for seen in summary["servers_seen"].values())
     servers_log = (log_dir / "server_0.log").read_text() + (log_dir / "server_1.log").read_text()
+    # Every server trained. From its own last log line: 15 tiny steps can all fall between two heartbeats,
+    # so the monitor's last record of a server may still show 0 steps.
+    trained = [int(steps) for steps in re.findall(r"stopping \S+ after (\d+) steps", servers_log)]
+    assert len(trained) == 2 and min(trained) > 0, servers_log[-2000:]
     # trainer -> head: fp32 images both ways; head -> trainer -> tail: 64 values a sample as 4-bit codes
     # (32 bytes) against float32 (256 bytes); tail -> trainer -> head: the gradient as int8 against float32
     per_sample = summary["bytes_sent"] / summary["samples"]
