@@ -283,7 +283,8 @@ def failover_demo(
             results.append(run.figures)
         console.print(figures_table(results))
         if json_path is not None:
-            report = {**aggregate(results)["median"], "runs": results, **aggregate(results)}
+            summary = aggregate(results)
+            report = {**summary["median"], "runs": results, **summary}
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(report, indent=2))
 

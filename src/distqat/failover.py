@@ -164,9 +164,8 @@ def run_once(config: Config, plan: FailoverPlan, stop: threading.Event, run_inde
             if new_server_at is None:
                 return True
             # Refilled: the new server trained, and training went on for a few steps after that.
-            new_roles = {e["role"] for e in events if e["event"] == "serving" and e["t"] > new_server_at}
-            firsts = [e["t"] for e in events if e["event"] == "first_backward" and e["role"] in new_roles]
-            return bool(firsts) and sum(e["t"] > min(firsts) for e in steps) >= STEPS_AFTER_REFILL
+            refilled_at = first_trained_by_new_server(events, new_server_at)
+            return refilled_at is not None and sum(e["t"] > refilled_at for e in steps) >= STEPS_AFTER_REFILL
 
         _wait(done, stop, deadline, f"{plan.max_steps} steps and the new server training")
     finally:
@@ -184,6 +183,13 @@ def run_once(config: Config, plan: FailoverPlan, stop: threading.Event, run_inde
     )
     run.figures = figures(run)
     return run
+
+
+def first_trained_by_new_server(events: list[dict[str, Any]], started_at: float) -> float | None:
+    """When a server that began serving after `started_at` trained its first micro-batch (None: not yet)."""
+    new_roles = {e["role"] for e in events if e["event"] == "serving" and e["t"] > started_at}
+    firsts = [e["t"] for e in events if e["event"] == "first_backward" and e["role"] in new_roles]
+    return min(firsts) if firsts else None
 
 
 def figures(run: FailoverRun) -> dict[str, Any]:
@@ -205,11 +211,8 @@ def figures(run: FailoverRun) -> dict[str, Any]:
     window_end = min(run.killed_at + REROUTE_WINDOW_S, run.new_server_at or float("inf"))
     around = [b - a for a, b in itertools.pairwise(step_times) if b > run.killed_at and a < window_end]
     reroute_s = max(around) - step_s if around and step_s is not None else None
-    refill_s = None
-    if run.new_server_at is not None:
-        new_roles = {e["role"] for e in events if e["event"] == "serving" and e["t"] > run.new_server_at}
-        firsts = [e["t"] for e in events if e["event"] == "first_backward" and e["role"] in new_roles]
-        refill_s = min(firsts) - run.new_server_at if firsts else None
+    refilled_at = first_trained_by_new_server(events, run.new_server_at) if run.new_server_at is not None else None
+    refill_s = refilled_at - run.new_server_at if refilled_at is not None else None
     return {
         "detect_s": detect_s,
         "reroute_s": reroute_s,
