@@ -1,0 +1,238 @@
+"""Stage checkpoints: write and load time of real stage states, and the steps lost when a whole swarm dies.
+
+Part 1 (`sizes`): the largest stage of a config (ResNet-18 from configs/resnet18.yaml, GPT-Neo-125M from
+configs/gptneo.yaml; built from the config with random init, no download) with the state a server
+checkpoints: module, inner optimiser state (after one step, so it is populated), DiLoCo's θ₀ and outer
+momentum, RNG states. It times our checkpoint (safetensors + manifest, fsynced, digest checked on load)
+against `torch.save`/`torch.load` of the same state, side by side.
+
+Part 2 (`lost`): a local swarm on configs/tiny.yaml, checkpointing every T seconds (by the servers, or by
+the param mirror with `refresh_every` T and no server checkpoints), is SIGKILLed whole after a random
+delay; the progress lost is the trainer step count at the kill minus the run step of the checkpoints a
+`--resume` would continue from.
+
+    python benchmarks/checkpoints.py [--parts sizes lost] [--intervals 2 10] [--repeats 1] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from distqat.checkpoints import rng_state, split_tensors
+from distqat.config import load_config
+from distqat.distributed.optim import build_optimizer
+from distqat.distributed.optim.diloco import DiLoCo
+from distqat.distributed.stage_sync import load_replica_state
+from distqat.models import build_pipeline_stages
+from distqat.resume import find_resume_point, stage_manifest, stage_store
+
+REPO = Path(__file__).resolve().parents[1]
+console = Console(highlight=False)
+MODELS = {"ResNet-18": "resnet18.yaml", "GPT-Neo-125M": "gptneo.yaml"}
+ROLES = ("server", "trainer", "client", "monitor", "data-server", "mirror")
+
+
+def _largest_stage(config):
+    stages = build_pipeline_stages(config.model_pipeline, config.data, config.seed)
+    index = max(range(len(stages)), key=lambda i: sum(p.numel() for p in stages[i].parameters()))
+    return index, stages[index]
+
+
+def _server_state(config, module):
+    optimizer = build_optimizer(module.parameters(), config.diloco.inner_optim)
+    for parameter in module.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()  # populates the optimiser's per-parameter state, as any trained replica has it
+    diloco = DiLoCo(list(module.parameters()), config.diloco.outer_optim)
+    state = {
+        "module": module.state_dict(),
+        "inner_optimizer": optimizer.state_dict(),
+        "diloco": diloco.state_dict(),
+        "samples": 0,
+        "weights_version": 1,
+        "rng": rng_state(),
+    }
+    return state, optimizer, diloco
+
+
+def measure_size(name: str, config_file: str, work: Path) -> dict:
+    config = load_config(REPO / "configs" / config_file, ["--log-dir", str(work / name)])
+    index, module = _largest_stage(config)
+    state, optimizer, diloco = _server_state(config, module)
+    store = stage_store(config, index, module)
+
+    started = time.perf_counter()
+    skeleton, tensors = split_tensors(state)  # the snapshot a server takes on its compute thread
+    snapshot_s = time.perf_counter() - started
+    started = time.perf_counter()
+    path = store.write(skeleton, tensors, stage_manifest(config, index, steps=1))
+    write_s = time.perf_counter() - started
+    size = path.with_suffix(".safetensors").stat().st_size + path.stat().st_size
+    started = time.perf_counter()
+    _, loaded = store.load_newest()
+    problem = load_replica_state(loaded, module, optimizer, diloco)
+    load_s = time.perf_counter() - started
+    assert problem is None, problem
+
+    baseline = work / name / "torch_save.pt"
+    started = time.perf_counter()
+    with open(baseline, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    torch_write_s = time.perf_counter() - started
+    started = time.perf_counter()
+    torch.load(io.BytesIO(baseline.read_bytes()), weights_only=True)
+    torch_load_s = time.perf_counter() - started
+    return {
+        "model": name,
+        "stage": config.model_pipeline.stage_names[index],
+        "params_m": sum(p.numel() for p in module.parameters()) / 1e6,
+        "mib": size / 2**20,
+        "snapshot_s": snapshot_s,
+        "write_s": write_s,
+        "load_s": load_s,
+        "torch_save_s": torch_write_s,
+        "torch_load_s": torch_load_s,
+    }
+
+
+def _steps(log_dir: Path) -> int:
+    try:
+        lines = (log_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["steps"] for line in lines if line.strip()), default=0)
+
+
+def _kill_swarm(launcher: subprocess.Popen) -> None:
+    root = psutil.Process(launcher.pid)
+    for proc in root.children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "distqat.guardian" not in cmdline and "distqat" in cmdline and any(role in cmdline for role in ROLES):
+            proc.kill()
+    launcher.kill()
+    launcher.communicate(timeout=60)
+    time.sleep(3)  # the guardians clean up after their roles
+
+
+def measure_lost(source: str, interval: float, seed: int, work: Path) -> dict:
+    log_dir = work / f"{source}-{interval}-{seed}"
+    overrides = ["--checkpoint.every", str(interval)]
+    if source == "mirror":
+        overrides = ["--checkpoint.enable", "false", "--param-mirror.enable", "true"]
+        overrides += ["--param-mirror.refresh-every", str(interval)]
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    command = [sys.executable, "-m", "distqat", "local", "--config", tiny, "--log-dir", str(log_dir), *overrides]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while _steps(log_dir) < 20 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        time.sleep(interval * 2 + random.Random(seed).uniform(0, interval))  # at a random phase of the interval
+        steps_at_kill = _steps(log_dir)
+        started = time.monotonic()
+        while _steps(log_dir) == steps_at_kill and time.monotonic() - started < 5:
+            time.sleep(0.05)
+        step_s = (time.monotonic() - started) / max(1, _steps(log_dir) - steps_at_kill)
+        steps_at_kill = _steps(log_dir)
+    finally:
+        _kill_swarm(launcher)
+    config = load_config(tiny, ["--log-dir", str(log_dir)])
+    resumed = find_resume_point(config).first_step
+    return {
+        "source": source,
+        "interval_s": interval,
+        "steps_at_kill": steps_at_kill,
+        "resume_step": resumed,
+        "steps_lost": steps_at_kill - resumed,
+        "step_s": step_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["sizes", "lost"], choices=["sizes", "lost"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--intervals", nargs="+", type=float, default=[2.0, 10.0], help="seconds between checkpoints")
+    parser.add_argument("--sources", nargs="+", default=["servers", "mirror"], choices=["servers", "mirror"])
+    parser.add_argument("--repeats", type=int, default=1, help="kills per source and interval")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="distqat-ckpt-bench-") as scratch:
+        work = Path(scratch)
+        if "sizes" in args.parts:
+            results["sizes"] = [measure_size(name, MODELS[name], work) for name in args.models]
+            table = Table(title="stage checkpoint: ours (safetensors + manifest, fsync, digest) vs torch.save")
+            for column in (
+                "model",
+                "stage",
+                "params (M)",
+                "MiB",
+                "snapshot s",
+                "write s",
+                "load s",
+                "torch.save s",
+                "torch.load s",
+            ):
+                table.add_column(column, justify="right")
+            for row in results["sizes"]:
+                table.add_row(
+                    row["model"],
+                    row["stage"],
+                    f"{row['params_m']:.1f}",
+                    f"{row['mib']:.0f}",
+                    *(f"{row[key]:.2f}" for key in ("snapshot_s", "write_s", "load_s", "torch_save_s", "torch_load_s")),
+                )
+            console.print(table)
+        if "lost" in args.parts:
+            runs = [
+                measure_lost(source, interval, seed, work)
+                for source in args.sources
+                for interval in args.intervals
+                for seed in range(args.repeats)
+            ]
+            results["lost"] = runs
+            table = Table(title="whole tiny swarm SIGKILLed: steps lost against the checkpoint interval")
+            for column in ("written by", "interval s", "runs", "steps lost (median)", "max", "s/step"):
+                table.add_column(column, justify="right")
+            for source in args.sources:
+                for interval in args.intervals:
+                    mine = [run for run in runs if run["source"] == source and run["interval_s"] == interval]
+                    lost = [run["steps_lost"] for run in mine]
+                    table.add_row(
+                        source,
+                        f"{interval:g}",
+                        str(len(mine)),
+                        f"{statistics.median(lost):g}",
+                        str(max(lost)),
+                        f"{statistics.median(run['step_s'] for run in mine):.3f}",
+                    )
+            console.print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
