@@ -265,9 +265,9 @@ def run_monitor(
 
 
 def _publish_progress(dht, config: Config, view: SwarmView, last: tuple[int, float]) -> tuple[int, float]:
-    """The run's step count into the DHT (on change, at most every 2 s), for checkpoints to record."""
+    """The run's step count into the DHT (on change, at most every poll), for checkpoints to record."""
     now = time.monotonic()
-    if view.steps == last[0] or now - last[1] < 2.0:
+    if view.steps == last[0] or now - last[1] < POLL_PERIOD:
         return last
     try:
         records.publish_run_progress(
