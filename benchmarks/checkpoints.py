@@ -32,8 +32,9 @@ import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
+from safetensors.torch import load_file
 
-from distqat.checkpoints import rng_state, split_tensors
+from distqat.checkpoints import join_tensors, rng_state, split_tensors
 from distqat.config import load_config
 from distqat.distributed.optim import build_optimizer
 from distqat.distributed.optim.diloco import DiLoCo
@@ -42,8 +43,9 @@ from distqat.models import build_pipeline_stages
 from distqat.resume import find_resume_point, stage_manifest, stage_store
 
 REPO = Path(__file__).resolve().parents[1]
-console = Console(highlight=False)
+console = Console(highlight=False, width=160)
 MODELS = {"ResNet-18": "resnet18.yaml", "GPT-Neo-125M": "gptneo.yaml"}
+TIMES = ("snapshot_s", "write_s", "verify_s", "read_s", "apply_s", "load_s", "torch_save_s", "torch_load_s")
 ROLES = ("server", "trainer", "client", "monitor", "data-server", "mirror")
 
 
@@ -70,46 +72,51 @@ def _server_state(config, module):
     return state, optimizer, diloco
 
 
-def measure_size(name: str, config_file: str, work: Path) -> dict:
+def measure_size(name: str, config_file: str, work: Path, repeats: int) -> dict:
+    """Median times over `repeats` write/load cycles of the largest stage's full server state."""
     config = load_config(REPO / "configs" / config_file, ["--log-dir", str(work / name)])
     index, module = _largest_stage(config)
     state, optimizer, diloco = _server_state(config, module)
     store = stage_store(config, index, module)
+    times: dict[str, list[float]] = {key: [] for key in TIMES}
 
-    started = time.perf_counter()
-    skeleton, tensors = split_tensors(state)  # the snapshot a server takes on its compute thread
-    snapshot_s = time.perf_counter() - started
-    started = time.perf_counter()
-    path = store.write(skeleton, tensors, stage_manifest(config, index, steps=1))
-    write_s = time.perf_counter() - started
+    def timed(key: str, function, *args):
+        started = time.perf_counter()
+        result = function(*args)
+        times[key].append(time.perf_counter() - started)
+        return result
+
+    for _ in range(repeats):
+        skeleton, tensors = timed("snapshot_s", split_tensors, state)  # what a server copies on its compute thread
+        path = timed("write_s", store.write, skeleton, tensors, stage_manifest(config, index, steps=1))
+        checkpoint, problem = timed("verify_s", store.newest_valid)  # manifest checks and the file's digest
+        assert checkpoint is not None, problem
+        loaded = timed(
+            "read_s",
+            lambda found=checkpoint: join_tensors(found.manifest["state"], load_file(str(found.tensors_path))),
+        )
+        problem = timed("apply_s", load_replica_state, loaded, module, optimizer, diloco)  # keeps a backup copy
+        assert problem is None, problem
+        times["load_s"].append(times["verify_s"][-1] + times["read_s"][-1] + times["apply_s"][-1])
+        baseline = work / name / "torch_save.pt"
+        timed("torch_save_s", _torch_save, state, baseline)
+        timed("torch_load_s", lambda file=baseline: torch.load(io.BytesIO(file.read_bytes()), weights_only=True))
     size = path.with_suffix(".safetensors").stat().st_size + path.stat().st_size
-    started = time.perf_counter()
-    _, loaded = store.load_newest()
-    problem = load_replica_state(loaded, module, optimizer, diloco)
-    load_s = time.perf_counter() - started
-    assert problem is None, problem
-
-    baseline = work / name / "torch_save.pt"
-    started = time.perf_counter()
-    with open(baseline, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    torch_write_s = time.perf_counter() - started
-    started = time.perf_counter()
-    torch.load(io.BytesIO(baseline.read_bytes()), weights_only=True)
-    torch_load_s = time.perf_counter() - started
     return {
         "model": name,
         "stage": config.model_pipeline.stage_names[index],
         "params_m": sum(p.numel() for p in module.parameters()) / 1e6,
         "mib": size / 2**20,
-        "snapshot_s": snapshot_s,
-        "write_s": write_s,
-        "load_s": load_s,
-        "torch_save_s": torch_write_s,
-        "torch_load_s": torch_load_s,
+        "repeats": repeats,
+        **{key: statistics.median(values) for key, values in times.items()},
     }
+
+
+def _torch_save(state: dict, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _steps(log_dir: Path) -> int:
@@ -175,6 +182,7 @@ def main() -> None:
     parser.add_argument("--intervals", nargs="+", type=float, default=[2.0, 10.0], help="seconds between checkpoints")
     parser.add_argument("--sources", nargs="+", default=["servers", "mirror"], choices=["servers", "mirror"])
     parser.add_argument("--repeats", type=int, default=1, help="kills per source and interval")
+    parser.add_argument("--size-repeats", type=int, default=3, help="write/load cycles per model (median)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 
@@ -182,19 +190,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="distqat-ckpt-bench-") as scratch:
         work = Path(scratch)
         if "sizes" in args.parts:
-            results["sizes"] = [measure_size(name, MODELS[name], work) for name in args.models]
+            results["sizes"] = [measure_size(name, MODELS[name], work, args.size_repeats) for name in args.models]
             table = Table(title="stage checkpoint: ours (safetensors + manifest, fsync, digest) vs torch.save")
-            for column in (
-                "model",
-                "stage",
-                "params (M)",
-                "MiB",
-                "snapshot s",
-                "write s",
-                "load s",
-                "torch.save s",
-                "torch.load s",
-            ):
+            columns = ["model", "stage", "params (M)", "MiB", "snapshot s", "write s"]
+            columns += ["verify s", "read s", "apply s", "load s", "torch.save s", "torch.load s"]
+            for column in columns:
                 table.add_column(column, justify="right")
             for row in results["sizes"]:
                 table.add_row(
@@ -202,7 +202,7 @@ def main() -> None:
                     row["stage"],
                     f"{row['params_m']:.1f}",
                     f"{row['mib']:.0f}",
-                    *(f"{row[key]:.2f}" for key in ("snapshot_s", "write_s", "load_s", "torch_save_s", "torch_load_s")),
+                    *(f"{row[key]:.2f}" for key in TIMES),
                 )
             console.print(table)
         if "lost" in args.parts:
