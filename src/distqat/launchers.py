@@ -132,7 +132,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     table = Table(title="run summary", show_header=False)
     for key, label in SUMMARY_ROWS.items():
         value = summary.get(key)
-        if key in summary:
+        if key in summary and not (key == "first_step" and not value):  # a fresh run resumed from nothing
             table.add_row(label, f"{value:.4g}" if isinstance(value, float) else str(value))
     steps = max(1, summary.get("steps") or 1)
     if "bytes_sent" in summary:

@@ -28,7 +28,7 @@ from hivemind import DHT
 from distqat.checkpoints import split_tensors, stage_fingerprint
 from distqat.config import Config
 from distqat.distributed.stage_sync import MIRROR_PRIORITY, STATE_FORMAT, read_packed_state
-from distqat.errors import SwarmError
+from distqat.errors import ConfigError, SwarmError
 from distqat.resume import stage_manifest, stage_store
 from distqat.swarm import records
 from distqat.swarm.averaging import StageAverager
@@ -274,6 +274,11 @@ class ParamMirror:
 
 
 def run_mirror(config: Config, stop: threading.Event) -> None:
+    if not config.network.initial_peers:
+        raise ConfigError(
+            "network.initial_peers: the mirror needs the swarm's address (--initial-peers, see initial_peers.txt "
+            "in the coordinator's log dir)"
+        )
     dht = start_dht(config.network)
     try:
         mirror = ParamMirror(config, dht)
