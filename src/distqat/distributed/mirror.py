@@ -50,6 +50,34 @@ class HeldState:
     stage_samples: int  # samples trained by the stage's live replicas at the pull: later progress means stale
 
 
+def pull_due(held: HeldState | None, replicas: list[records.ServerInfo], now: float, refresh_every: float) -> bool:
+    """Pull a stage now? After each DiLoCo round, or when it trained on for `refresh_every` seconds."""
+    if not replicas or max(info.steps for info in replicas) == 0:
+        return False  # nobody to pull from, or nothing trained yet
+    if held is None:
+        return True
+    if max(info.diloco_round for info in replicas) > held.round:
+        return True
+    trained_since = sum(info.samples for info in replicas) != held.stage_samples
+    return trained_since and now - held.pulled_at >= refresh_every
+
+
+def write_due(
+    held: HeldState | None,
+    written: tuple[int, int, float],
+    now: float,
+    refresh_every: float,
+    every_rounds: int | None,
+) -> bool:
+    """Checkpoint the held state now? `written` = (steps, round, time) of the last checkpoint written."""
+    steps, round_, at = written
+    if held is None or held.steps == steps:
+        return False  # nothing new since
+    if every_rounds and held.round - round_ >= every_rounds:
+        return True
+    return now - at >= refresh_every
+
+
 class StageMirror:
     """One stage's copy: the averager it pulls and serves through, the state it holds, its checkpoints."""
 
@@ -90,16 +118,7 @@ class StageMirror:
         return {**held.metadata, "uid": f"{MIRROR_UID}.{self.stage}"}, [held.blob]
 
     def due(self, replicas: list[records.ServerInfo], now: float) -> bool:
-        """Pull now? After a DiLoCo round, or when the stage trained on for `refresh_every` seconds."""
-        if not replicas or max(info.steps for info in replicas) == 0:
-            return False
-        held = self.held
-        if held is None:
-            return True
-        if max(info.diloco_round for info in replicas) > held.round:
-            return True
-        trained_since = sum(info.samples for info in replicas) != held.stage_samples
-        return trained_since and now - held.pulled_at >= self.config.param_mirror.refresh_every
+        return pull_due(self.held, replicas, now, self.config.param_mirror.refresh_every)
 
     def pull(self, replicas: list[records.ServerInfo]) -> bool:
         """Download the stage's state from its most advanced live replica; False (and a log line) if none gave it."""
@@ -152,13 +171,13 @@ class StageMirror:
         return None
 
     def write_due(self, now: float) -> bool:
-        held = self.held
-        if held is None or held.steps == self._written_steps:
-            return False
-        every_rounds = self.config.checkpoint.every_rounds
-        if every_rounds and held.round - self._written_round >= every_rounds:
-            return True
-        return now - self._written_at >= self.config.param_mirror.refresh_every
+        return write_due(
+            self.held,
+            (self._written_steps, self._written_round, self._written_at),
+            now,
+            self.config.param_mirror.refresh_every,
+            self.config.checkpoint.every_rounds,
+        )
 
     def write_checkpoint(self, run_step: int | None) -> None:
         held = self.held
