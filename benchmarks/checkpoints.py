@@ -154,15 +154,13 @@ def measure_lost(source: str, interval: float, seed: int, work: Path) -> dict:
         deadline = time.monotonic() + 300
         while _steps(log_dir) < 20 and time.monotonic() < deadline:
             time.sleep(0.25)
+        first = (time.monotonic(), _steps(log_dir))
         time.sleep(interval * 2 + random.Random(seed).uniform(0, interval))  # at a random phase of the interval
-        steps_at_kill = _steps(log_dir)
-        started = time.monotonic()
-        while _steps(log_dir) == steps_at_kill and time.monotonic() - started < 5:
-            time.sleep(0.05)
-        step_s = (time.monotonic() - started) / max(1, _steps(log_dir) - steps_at_kill)
-        steps_at_kill = _steps(log_dir)
+        killed_at = time.monotonic()
     finally:
         _kill_swarm(launcher)
+    steps_at_kill = _steps(log_dir)  # the monitor's last count: it died with the rest
+    step_s = (killed_at - first[0]) / max(1, steps_at_kill - first[1])  # the pace before the kill
     config = load_config(tiny, ["--log-dir", str(log_dir)])
     resumed = find_resume_point(config).first_step
     return {
@@ -172,6 +170,7 @@ def measure_lost(source: str, interval: float, seed: int, work: Path) -> dict:
         "resume_step": resumed,
         "steps_lost": steps_at_kill - resumed,
         "step_s": step_s,
+        "lost_s": (steps_at_kill - resumed) * step_s,  # the training time those steps took
     }
 
 
@@ -214,7 +213,15 @@ def main() -> None:
             ]
             results["lost"] = runs
             table = Table(title="whole tiny swarm SIGKILLed: steps lost against the checkpoint interval")
-            for column in ("written by", "interval s", "runs", "steps lost (median)", "max", "s/step"):
+            for column in (
+                "written by",
+                "interval s",
+                "runs",
+                "steps lost (median)",
+                "max",
+                "s/step",
+                "lost s (median)",
+            ):
                 table.add_column(column, justify="right")
             for source in args.sources:
                 for interval in args.intervals:
@@ -227,6 +234,7 @@ def main() -> None:
                         f"{statistics.median(lost):g}",
                         str(max(lost)),
                         f"{statistics.median(run['step_s'] for run in mine):.3f}",
+                        f"{statistics.median(run['lost_s'] for run in mine):.1f}",
                     )
             console.print(table)
     if args.json:
