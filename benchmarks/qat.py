@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="samples per step")
     parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="Adam learning rate of the fp32 pretraining")
     parser.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of every run (weights and steps)")
-    parser.add_argument("--eval-samples", type=int, default=10000, help="held-out test images (all 10000)")
+    parser.add_argument("--eval-samples", type=int, help="held-out test images (default all 10000, --quick 2000)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument(
         "--threads",
@@ -202,6 +202,7 @@ def main() -> None:
     started = time.monotonic()
     args.pretrain = args.pretrain if args.pretrain is not None else (300 if args.quick else 1500)
     args.steps = args.steps or (100 if args.quick else 300)
+    args.eval_samples = args.eval_samples or (2000 if args.quick else 10000)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
