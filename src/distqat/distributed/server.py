@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 
 class StageServer:
-    """Serves one StageReplica; compute runs on one worker thread so the event loop stays responsive."""
+    """Serves one StageReplica; compute runs on one thread fed by a bounded priority queue (`compute_queue`), so
+    the event loop stays responsive and a full server answers busy instead of growing memory."""
 
     def __init__(self, config: Config, dht: DHT, stage_name: str, expert_index: int):
         self.config, self.dht = config, dht

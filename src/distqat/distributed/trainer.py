@@ -6,6 +6,7 @@ steps, and publishes its progress to the DHT. A failed hop (timeout, dead peer, 
 one line and the replica is avoided for `network.ban_time` seconds: a failed forward is retried at once on
 another replica of the stage, a failed backward drops the micro-batch, which is retried whole on a fresh
 route. With no route at all it waits for one, and the client stops it if the pipeline is gone for good.
+With `pipelining.in_flight` > 1 it keeps that many micro-batches going through the stages at once.
 """
 
 from __future__ import annotations
