@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from distqat.config import load_config
@@ -227,3 +228,51 @@ def test_quantised_stage_replica_matches_local_training_and_stashes_under_interl
     frozen(ref_in).backward(gs[1])
     assert torch.allclose(grad_b, ref_in.grad, atol=1e-6)
     assert replica.stashed_versions == 1
+
+
+# --- the trainer's side of backpressure ---
+
+
+class BusyThenServing:
+    """A stage client whose replica answers busy `busy` times, then echoes."""
+
+    def __init__(self, busy: int):
+        self.busy, self.calls = busy, 0
+
+    async def call(self, replica, method, tensors, metadata, timeout):
+        from distqat.swarm.rpc import CallResult
+
+        self.calls += 1
+        if self.calls <= self.busy:
+            return CallResult([], {"busy": True}, 10, 10)
+        return CallResult(tensors, {}, 10, 10)
+
+
+def _one_stage_pipeline(client, *overrides: str):
+    from distqat.distributed.pipeline import RemotePipeline
+    from distqat.swarm.records import ServerInfo
+    from distqat.swarm.routing import Router
+
+    config = load_config(REPO / "configs" / "tiny.yaml", list(overrides))
+    router = Router(["head"], ban_time=60.0)
+    info = ServerInfo(uid="head.0", peer_id="p", maddrs=[], stage="head", stage_index=0, expert_index=0, device="cpu")
+    router.update({"head": [info]})
+    return RemotePipeline(config, client, router), router
+
+
+def test_a_busy_replica_is_asked_again_after_a_backoff_and_not_banned() -> None:
+    client = BusyThenServing(busy=3)
+    pipeline, router = _one_stage_pipeline(client, "--pipelining.busy-backoff", "0.01")
+    _, outputs, _ = asyncio.run(pipeline._forward_with_retries("head", torch.ones(2), {"mb": "0"}))
+    assert client.calls == 4 and pipeline.busy_replies == 3
+    assert torch.equal(outputs[0], torch.ones(2)) and router.usable("head")
+
+
+def test_a_replica_busy_for_longer_than_the_forward_timeout_fails_the_hop() -> None:
+    client = BusyThenServing(busy=10**6)
+    pipeline, router = _one_stage_pipeline(
+        client, "--pipelining.busy-backoff", "0.01", "--model-pipeline.forward-timeout", "0.3"
+    )
+    with pytest.raises(StageCallError, match="queue is full"):
+        asyncio.run(pipeline._forward_with_retries("head", torch.ones(2), {"mb": "0"}))
+    assert not router.usable("head")  # now it is avoided like any replica that failed

@@ -135,7 +135,7 @@ class StageServer:
         (payload,) = tensors
         inputs = boundary_codecs.decode(payload, metadata.get("codec"))
         if metadata.get("eval"):  # held-out evaluation: no backward follows, keep nothing
-            return self._encoded(await self._run(self.replica.infer, inputs), self.output_codec)
+            return self._encoded(await self._run(self.replica.infer, inputs, kind=Kind.READ), self.output_codec)
         if not self._compute.admit(caller):  # full: a busy reply, not unbounded memory; the trainer retries
             return [], {"busy": True}
         with self.calls.track("forward"):
