@@ -151,12 +151,26 @@ def test_router_weights_by_throughput_and_tries_unmeasured() -> None:
     router = Router(["head"], ban_time=1.0, rng=random.Random(1))
     fast, slow, new = server("head", 0, rate=90.0), server("head", 1, rate=10.0), server("head", 2)
     router.update({"head": [fast, slow, new]})
+    assert router.pick("head").uid == new.uid  # the first micro-batch probes the newcomer at once
     picks = [router.pick("head").uid for _ in range(3000)]
     share = {uid: picks.count(uid) / len(picks) for uid in {fast.uid, slow.uid, new.uid}}
     # weights 90 : 10 : 50 (the newcomer gets the average of the measured ones)
     assert share[fast.uid] == pytest.approx(90 / 150, abs=0.04)
     assert share[slow.uid] == pytest.approx(10 / 150, abs=0.03)
     assert share[new.uid] == pytest.approx(50 / 150, abs=0.04)
+
+
+def test_router_probes_each_new_replica_once() -> None:
+    router = Router(["head"], ban_time=1.0, rng=random.Random(3))
+    old = server("head", 0, rate=50.0)
+    router.update({"head": [old]})
+    assert router.pick("head").uid == old.uid
+    first, second = server("head", 1), server("head", 2)
+    router.update({"head": [old, first, second]})
+    # each newcomer gets one micro-batch straight away, then the draw is weighted again
+    assert {router.pick("head").uid, router.pick("head").uid} == {first.uid, second.uid}
+    picks = [router.pick("head").uid for _ in range(600)]
+    assert picks.count(old.uid) / len(picks) == pytest.approx(1 / 3, abs=0.07)
 
 
 def test_router_prefers_short_queues() -> None:

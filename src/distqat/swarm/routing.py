@@ -4,6 +4,11 @@ Replicas are drawn at random, weighted by the throughput they announce divided b
 stochastic wiring), so fast, idle replicas get more work and no replica is starved; a replica that failed
 a call is avoided for `ban_time` seconds. `on_lost(uid, why)` is told once when a replica leaves the
 usable set (banned after a failure, or gone from the DHT), which is when failover is detected.
+
+A replica that has not measured its throughput yet and that this router has never used gets the next
+micro-batch of its stage at once: a server that just filled a gap starts working within one step, not
+after a weighted draw happens to land on it (which took ~6 s at the average weight). After that one probe
+it is drawn at the average measured rate until it announces its own.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Router:
         self._on_lost = on_lost
         self._replicas: dict[str, list[ServerInfo]] = {stage: [] for stage in stage_names}
         self._banned_until: dict[str, float] = {}
+        self._probed: set[str] = set()  # unmeasured replicas that already got their first micro-batch
 
     def update(self, replicas_by_stage: Mapping[str, Sequence[ServerInfo]]) -> None:
         before = {info.uid for stage in self.stage_names for info in self.usable(stage)}
@@ -76,6 +82,10 @@ class Router:
                 if known
                 else f"stage '{stage}' has no live replica"
             )
+        for info in candidates:
+            if info.samples_per_s <= 0 and _ban_key(info) not in self._probed:
+                self._probed.add(_ban_key(info))
+                return info
         known_rates = [info.samples_per_s for info in candidates if info.samples_per_s > 0]
         # A replica that has not measured its throughput yet gets the average rate, so it is tried.
         default_rate = sum(known_rates) / len(known_rates) if known_rates else 1.0
