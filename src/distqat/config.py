@@ -365,6 +365,12 @@ class PipeliningConfig(Section):
         ge=1,
         description="the same bound per trainer, so that a dead trainer's micro-batches cannot lock out the others",
     )
+    server_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of each stage server started by `distqat local`/`distqat servers`; None: the "
+        "machine's cores divided among the servers computing at once",
+    )
     busy_backoff: float = Field(
         0.05, gt=0, description="seconds a trainer first waits after a busy reply (doubling, at most 1 s)"
     )

@@ -256,7 +256,10 @@ def run_local(
     """The whole swarm on this machine: monitor, servers (round-robin over the stages) and client."""
     stage_names = config.model_pipeline.stage_names
     num_servers = num_servers or config.world_size or len(stage_names)
-    threads = str(threads_per_server(num_servers, len(stage_names), config.pipelining.in_flight))
+    threads = str(
+        config.pipelining.server_threads
+        or threads_per_server(num_servers, len(stage_names), config.pipelining.in_flight)
+    )
 
     def start_servers(supervisor: ProcessSupervisor, config_path: Path, log_dir: Path, peers: str) -> None:
         # The first replica of every stage starts at once; the spares start once those serve, so that each
@@ -315,7 +318,10 @@ def run_servers(config: Config, stop: threading.Event, num_servers: int, stage: 
     log_dir, _lock = claim_log_dir(config)
     config_path = log_dir / "servers_config.yaml"
     dump_config(config, config_path)
-    threads = str(threads_per_server(num_servers, config.num_stages, config.pipelining.in_flight))
+    threads = str(
+        config.pipelining.server_threads
+        or threads_per_server(num_servers, config.num_stages, config.pipelining.in_flight)
+    )
     with ProcessSupervisor() as supervisor:
         for index in range(num_servers):
             ready_file = log_dir / f"server_{index}.ready"

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -153,3 +156,26 @@ def test_a_trainer_dying_with_requests_in_flight_blocks_nobody(tmp_path: Path) -
                 await survivor.shutdown()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Debian's dataset-fashion-mnist"
+)
+def test_local_swarm_trains_with_three_micro_batches_in_flight(tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "distqat", "local", "--config", str(REPO / "configs" / "tiny.yaml"),
+            "--log-dir", str(tmp_path / "logs"), "--max-steps", "30", "--summary", str(summary_path),
+            "--pipelining.in-flight", "3",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["steps"] == 30 and summary["failed_steps"] == 0
+    assert summary["last_loss"] < summary["first_loss"] - 0.3, summary  # stale-by-two updates still learn
+    for uid, seen in summary["servers_seen"].items():
+        assert seen["steps"] >= 30 and seen["busy_s"] > 0, uid
+    trainer_log = (tmp_path / "logs" / "trainer_0.log").read_text()
+    assert "Traceback" not in trainer_log
