@@ -1,11 +1,14 @@
 """Quantization-aware training and quantised boundary traffic, against full precision, in one invocation.
 
-A small ResNet (16/32/64 channels, two BasicBlocks per group, cut after the second group) trains on
-Fashion-MNIST with the local pipeline (the same stages, quantisers and boundary codecs as the servers),
-for the same steps, seed and data order in every run:
+A small ResNet (16/32/64 channels, two BasicBlocks per group, cut after the second group) is first trained
+in fp32 (`--pretrain` steps). Every run then starts from those weights and trains `--steps` more steps
+with the same seed, data order and learning rate, through the local pipeline (the same stages, quantisers
+and boundary codecs as the servers). This is the LSQ paper's recipe (quantised networks fine-tuned from a
+trained full-precision one), and it compares the runs at the same point of training rather than through
+the run-to-run noise of early training from scratch:
 
-- accuracy table: fp32, W8A8, W4A4, W2A2 (LSQ on every conv/linear but the first and last), test accuracy
-  on the held-out split and final training loss;
+- accuracy table: fp32 (the pretrained net trained on in fp32), W8A8, W4A4, W2A2 (LSQ on every
+  conv/linear but the first and last), test accuracy on the held-out split and final training loss;
 - boundary table: the stage boundary's activations sent as fp32, fp16, int8 and 4-bit LSQ codes (the rest
   of the model in fp32; gradients in fp32 in every run), with the bytes per sample that the wire codec
   really produced for the real activations of every step (`LocalBoundary`: the stage RPC's own
@@ -13,7 +16,7 @@ for the same steps, seed and data order in every run:
 
 Final loss: mean training loss over the last tenth of the steps.
 
-    python benchmarks/qat.py [--quick] [--steps N] [--device cpu|cuda] [--json out.json]
+    python benchmarks/qat.py [--quick] [--pretrain N] [--steps N] [--device cpu|cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ from distqat.models import register_expert_class  # noqa: E402
 WIDTHS = (16, 32, 64)
 BOUNDARY_CHANNELS, BOUNDARY_SIDE = WIDTHS[1], 14  # the head's output: 32 x 14 x 14 per 28 x 28 image
 
+# The fp32 pretrained state of each stage, by stage; empty while pretraining (the stages start from the seed).
+PRETRAINED: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _from_pretrained(stage: str, module: nn.Module) -> nn.Module:
+    # Loaded before the quantisers are attached, so LSQ initialises every step from the trained weights.
+    if stage in PRETRAINED:
+        module.load_state_dict(PRETRAINED[stage])
+    return module
+
 
 def _group(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     downsample = None
@@ -66,30 +79,32 @@ def boundary_batch(batch_size: int, data) -> torch.Tensor:
 
 @register_expert_class("qatresnet.head", image_batch)
 def head(num_channels: int = 1, **_: object) -> nn.Module:
-    return nn.Sequential(
+    module = nn.Sequential(
         nn.Conv2d(num_channels, WIDTHS[0], 3, padding=1, bias=False),
         nn.BatchNorm2d(WIDTHS[0]),
         nn.ReLU(inplace=True),
         _group(WIDTHS[0], WIDTHS[0], 1),
         _group(WIDTHS[0], WIDTHS[1], 2),
     )
+    return _from_pretrained("head", module)
 
 
 @register_expert_class("qatresnet.tail", boundary_batch)
 def tail(num_classes: int = 10, **_: object) -> nn.Module:
-    return nn.Sequential(
+    module = nn.Sequential(
         _group(WIDTHS[1], WIDTHS[2], 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(WIDTHS[2], num_classes)
     )
+    return _from_pretrained("tail", module)
 
 
-def base_overrides(args: argparse.Namespace) -> list[str]:
+def base_overrides(args: argparse.Namespace, lr: float) -> list[str]:
     return [
         "--model-pipeline.pipeline",
         "[{model_name: qatresnet.head}, {model_name: qatresnet.tail}]",
         "--diloco.batch-size-per-step",
         str(args.batch),
         "--diloco.inner-optim.adam-lr",
-        str(args.lr),
+        str(lr),
         "--data.eval-samples",
         str(args.eval_samples),
         "--seed",
@@ -123,12 +138,16 @@ class Data:
         self.held_out = HeldOut(config)
 
 
-def train_and_evaluate(config: Config, data: Data, steps: int, device: torch.device) -> dict:
+def train_and_evaluate(
+    config: Config, data: Data, steps: int, device: torch.device, data_seed: int, keep: dict | None = None
+) -> dict:
+    """Train `steps` steps from the stages' initial (or pretrained) weights and test; `keep` receives the
+    trained stages' state by stage name."""
     torch.manual_seed(config.seed)
     pipeline = LocalPipeline(config)
     for stage in pipeline.stages:
         stage.to(device)
-    batches = BatchStream(data.train, config.data, config.diloco.batch_size_per_step, seed=config.seed * 1000)
+    batches = BatchStream(data.train, config.data, config.diloco.batch_size_per_step, seed=data_seed)
     losses = []
     started = time.monotonic()
     try:
@@ -143,6 +162,9 @@ def train_and_evaluate(config: Config, data: Data, steps: int, device: torch.dev
         logits = asyncio.run(pipeline.infer(inputs.to(device))).cpu()
         correct += int((logits.argmax(dim=-1) == labels).sum())
         total += len(labels)
+    if keep is not None:
+        for name, stage in zip(("head", "tail"), pipeline.stages, strict=True):
+            keep[name] = {key: value.detach().cpu().clone() for key, value in stage.state_dict().items()}
     traffic = pipeline.boundaries[0].traffic
     tail = losses[-max(1, steps // 10) :]
     return {
@@ -155,36 +177,54 @@ def train_and_evaluate(config: Config, data: Data, steps: int, device: torch.dev
     }
 
 
+def report_run(console: Console, row: dict) -> None:
+    console.print(f"  test accuracy {row['accuracy']:.4f}, final loss {row['final_loss']:.4f}, {row['train_s']:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and test samples (under 15 min on 2 cores)")
-    parser.add_argument("--steps", type=int, help="training steps of every run (default 1500, --quick 150)")
+    parser.add_argument("--pretrain", type=int, help="fp32 steps every run starts from (default 1500, --quick 300)")
+    parser.add_argument("--steps", type=int, help="training steps of every run (default 300, --quick 100)")
     parser.add_argument("--batch", type=int, default=64, help="samples per step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (weights and steps)")
+    parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="Adam learning rate of the fp32 pretraining")
+    parser.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of every run (weights and steps)")
     parser.add_argument("--eval-samples", type=int, default=10000, help="held-out test images (all 10000)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    args.steps = args.steps or (150 if args.quick else 1500)
+    args.pretrain = args.pretrain if args.pretrain is not None else (300 if args.quick else 1500)
+    args.steps = args.steps or (100 if args.quick else 300)
     device = torch.device(args.device)
 
     console = Console()
     tiny = REPO / "configs" / "tiny.yaml"
-    data = Data(load_config(tiny, base_overrides(args)))
+    data = Data(load_config(tiny, base_overrides(args, args.lr)))
+    pretrained: dict | None = None
+    if args.pretrain:
+        console.print(f"[bold]fp32 pretraining[/]: {args.pretrain} steps of {args.batch}")
+        pretrained = train_and_evaluate(
+            load_config(tiny, base_overrides(args, args.pretrain_lr)), data, args.pretrain, device, 0, PRETRAINED
+        )
+        report_run(console, pretrained)
+    run_data_seed = 1  # every run sees the same batches, not those of the pretraining
     results: dict[str, dict] = {}
     for name, overrides in ACCURACY_RUNS.items():
         console.print(f"[bold]{name}[/]: {args.steps} steps of {args.batch}")
-        config = load_config(tiny, [*base_overrides(args), *overrides])
-        results[name] = train_and_evaluate(config, data, args.steps, device)
+        config = load_config(tiny, [*base_overrides(args, args.lr), *overrides])
+        results[name] = train_and_evaluate(config, data, args.steps, device, run_data_seed)
+        report_run(console, results[name])
     boundary: dict[str, dict] = {"fp32": results["fp32"]}
     for name, overrides in BOUNDARY_RUNS.items():
         if name == "fp32":
             continue
         console.print(f"[bold]boundary {name}[/]: {args.steps} steps of {args.batch}")
-        config = load_config(tiny, [*base_overrides(args), *overrides])
-        boundary[name] = train_and_evaluate(config, data, args.steps, device)
+        config = load_config(tiny, [*base_overrides(args, args.lr), *overrides])
+        boundary[name] = train_and_evaluate(config, data, args.steps, device, run_data_seed)
+        report_run(console, boundary[name])
 
-    table = Table(title=f"QAT on Fashion-MNIST, small ResNet, {args.steps} steps x {args.batch}, {device}")
+    title = f"QAT on Fashion-MNIST, small ResNet, {args.pretrain} fp32 steps then {args.steps} x {args.batch}, {device}"
+    table = Table(title=title)
     for column in ("run", "test accuracy", "vs fp32 (points)", "final loss", "train s"):
         table.add_column(column, justify="right")
     for name, row in results.items():
@@ -210,8 +250,11 @@ def main() -> None:
 
     if args.json:
         report = {
+            "pretrain_steps": args.pretrain,
+            "pretrained_accuracy": pretrained["accuracy"] if pretrained else None,
             "steps": args.steps,
             "batch": args.batch,
+            "lr": args.lr,
             "device": str(device),
             "eval_samples": results["fp32"]["eval_samples"],
             "accuracy": {name: row["accuracy"] for name, row in results.items()},

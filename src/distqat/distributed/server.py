@@ -498,11 +498,13 @@ async def serve_stages(
         await p2p.shutdown()
 
 
-def _warm_up_models(config: Config) -> None:
+def _warm_up_models(config: Config, took: list[float]) -> None:
+    started = time.monotonic()
     try:
         build_pipeline_stage(config.model_pipeline, 0, config.data, config.seed)
     except Exception as error:  # the real build reports it properly; this is only a head start
         logger.debug("model warm-up failed: %s", error)
+    took.append(time.monotonic() - started)
 
 
 def run_server(
@@ -515,11 +517,18 @@ def run_server(
     started = time.monotonic()
     # Joining the DHT is mostly waiting for p2pd; meanwhile a thread pays the model code's first-use costs
     # (lazy imports of torchvision/transformers), which would otherwise delay the server after it joined.
-    warm_up = threading.Thread(target=_warm_up_models, args=(config,), name="warm-up", daemon=True)
+    warm_up_took: list[float] = []
+    warm_up = threading.Thread(target=_warm_up_models, args=(config, warm_up_took), name="warm-up", daemon=True)
     warm_up.start()
     dht = start_dht(config.network)
+    joined = time.monotonic() - started
     warm_up.join()
-    logger.info("joined the DHT in %.1f s", time.monotonic() - started)
+    logger.info(
+        "joined the DHT in %.1f s (model warm-up %.1f s, both done after %.1f s)",
+        joined,
+        warm_up_took[0] if warm_up_took else float("nan"),
+        time.monotonic() - started,
+    )
     try:
         asyncio.run(serve_stages(config, dht, stop, stage, expert_index, ready_file))
     finally:

@@ -7,11 +7,7 @@ step is bounded by `--timeout`: an unreachable swarm is one error line, never a 
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
-import os
-import socket
 import sys
 import time
 from typing import Any
@@ -25,34 +21,6 @@ from distqat.observability.render import fleet_view
 from distqat.swarm import records
 from distqat.swarm.node import start_dht
 
-P2PD_SOCKETS = "/tmp/hivemind-p2pd-*.sock"
-
-
-def _refused(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            return True
-        except OSError:
-            return False
-    return False
-
-
-def _remove_dead_sockets(paths: set[str]) -> None:
-    """A p2pd that failed to join (unreachable peers) leaves its socket file; nothing else will remove it.
-
-    Only files that appeared during our attempt and refuse connections twice are removed: a daemon that
-    another process just started answers by then.
-    """
-    dead = {path for path in paths if _refused(path)}
-    if dead:
-        time.sleep(0.3)
-    for path in dead:
-        if _refused(path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
 
 def read_fleet(config: Config, timeout: float) -> dict[str, Any]:
     if not config.network.initial_peers:
@@ -61,12 +29,7 @@ def read_fleet(config: Config, timeout: float) -> dict[str, Any]:
             "see initial_peers.txt in the coordinator's log dir)"
         )
     stage_names = config.model_pipeline.stage_names
-    sockets_before = set(glob.glob(P2PD_SOCKETS))
-    try:
-        dht = start_dht(config.network, client_mode=True, timeout=timeout)
-    except SwarmError:
-        _remove_dead_sockets(set(glob.glob(P2PD_SOCKETS)) - sockets_before)
-        raise
+    dht = start_dht(config.network, client_mode=True, timeout=timeout)
     try:
         dht_timeout = min(config.network.dht_timeout, timeout)
         replicas = records.fetch_replicas(dht, config.experiment_prefix, stage_names, dht_timeout)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
+import os
 import socket
+import time
 
 from hivemind import DHT
 
@@ -13,6 +17,7 @@ from distqat.observability.logs import set_log_peer
 
 logger = logging.getLogger(__name__)
 
+P2PD_SOCKETS = "/tmp/hivemind-p2pd-*.sock"
 DHT_START_TIMEOUT = 60.0  # seconds: a DHT node starts in ~1 s, joining peers over the internet takes longer
 
 
@@ -22,6 +27,32 @@ def _free_tcp_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def _refused(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def _remove_dead_sockets(paths: set[str]) -> None:
+    """A p2pd that failed to join (unreachable peers) leaves its socket file; nothing else will remove it.
+
+    Only files that appeared during our attempt and refuse connections twice are removed: a daemon that
+    another process just started answers by then.
+    """
+    dead = {path for path in paths if _refused(path)}
+    if dead:
+        time.sleep(0.3)
+    for path in dead:
+        if _refused(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def start_dht(network: NetworkConfig, *, client_mode: bool = False, timeout: float = DHT_START_TIMEOUT) -> DHT:
@@ -45,10 +76,12 @@ def start_dht(network: NetworkConfig, *, client_mode: bool = False, timeout: flo
         client_mode=client_mode,
         start=False,
     )
+    sockets_before = set(glob.glob(P2PD_SOCKETS))
     try:
         dht.run_in_background(await_ready=True, timeout=timeout)
     except Exception as error:  # hivemind raises bare Exceptions, TimeoutError or P2PDaemonError here
         dht.shutdown()
+        _remove_dead_sockets(set(glob.glob(P2PD_SOCKETS)) - sockets_before)
         peers = ", ".join(initial_peers) or "no initial peers"
         raise SwarmError(f"could not start a DHT node joining {peers}: {error}") from error
     set_log_peer(dht.peer_id.to_base58())
