@@ -191,11 +191,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of every run (weights and steps)")
     parser.add_argument("--eval-samples", type=int, default=10000, help="held-out test images (all 10000)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's); 1 on a busy machine, where two threads "
+        "spinning at every op's barrier while other processes hold the cores make small convolutions many times slower",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    started = time.monotonic()
     args.pretrain = args.pretrain if args.pretrain is not None else (300 if args.quick else 1500)
     args.steps = args.steps or (100 if args.quick else 300)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     console = Console()
     tiny = REPO / "configs" / "tiny.yaml"
@@ -247,15 +256,18 @@ def main() -> None:
             f"{row['boundary_gradient_bytes_per_sample']:.1f}",
         )
     console.print(table)
+    console.print(f"wall time {time.monotonic() - started:.0f} s ({torch.get_num_threads()} torch threads)")
 
     if args.json:
         report = {
+            "wall_s": time.monotonic() - started,
             "pretrain_steps": args.pretrain,
             "pretrained_accuracy": pretrained["accuracy"] if pretrained else None,
             "steps": args.steps,
             "batch": args.batch,
             "lr": args.lr,
             "device": str(device),
+            "threads": torch.get_num_threads(),
             "eval_samples": results["fp32"]["eval_samples"],
             "accuracy": {name: row["accuracy"] for name, row in results.items()},
             "final_loss": {name: row["final_loss"] for name, row in results.items()},

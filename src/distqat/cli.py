@@ -35,6 +35,12 @@ MaxStepsOption = typer.Option(0, "--max-steps", min=0, help="stop after this man
 SummaryOption = typer.Option(
     None, "--summary", help="write the run summary JSON here (default: <log dir>/summary.json)"
 )
+ResumeOption = typer.Option(
+    False,
+    "--resume",
+    help="continue from the newest valid checkpoint of every stage (and its step count); without it a run "
+    "ignores checkpoints written before it started",
+)
 
 
 def _load(config_path: Path | None, ctx: typer.Context) -> Config:
@@ -92,13 +98,14 @@ def local(
     max_steps: int = MaxStepsOption,
     summary: Path = SummaryOption,
     num_servers: int = typer.Option(None, "--num-servers", min=1, help="servers to start (default: world_size)"),
+    resume: bool = ResumeOption,
 ) -> None:
     """Run the whole swarm on this machine: monitor, stage servers, client and trainers."""
     from distqat.launchers import run_local
 
     def body(stop: threading.Event) -> None:
         config = _load(config_path, ctx)
-        _finish_launch(run_local(config, stop, max_steps, summary, num_servers), stop)
+        _finish_launch(run_local(config, stop, max_steps, summary, num_servers, resume=resume), stop)
 
     _run(body)
 
@@ -109,13 +116,14 @@ def coordinator(
     config_path: Path = ConfigOption,
     max_steps: int = MaxStepsOption,
     summary: Path = SummaryOption,
+    resume: bool = ResumeOption,
 ) -> None:
     """Run the monitor and the client here; servers join from other machines."""
     from distqat.launchers import run_coordinator
 
     def body(stop: threading.Event) -> None:
         config = _load(config_path, ctx)
-        _finish_launch(run_coordinator(config, stop, max_steps, summary), stop)
+        _finish_launch(run_coordinator(config, stop, max_steps, summary, resume=resume), stop)
 
     _run(body)
 
@@ -302,6 +310,7 @@ def monitor(
     max_steps: int = MaxStepsOption,
     summary: Path = SummaryOption,
     started_at: float = typer.Option(None, "--started-at", help="unix time the run started (for startup_s)"),
+    first_step: int = typer.Option(0, "--first-step", min=0, help="the step a resumed run continues from"),
 ) -> None:
     """Bootstrap the DHT, write initial_peers.txt, log the swarm's metrics."""
     from distqat.distributed.monitor import run_monitor
@@ -311,9 +320,17 @@ def monitor(
         config_path,
         ctx,
         lambda config, stop: run_monitor(
-            config, stop, log_dir or config.resolved_log_dir, max_steps, summary, started_at
+            config, stop, log_dir or config.resolved_log_dir, max_steps, summary, started_at, first_step
         ),
     )
+
+
+@app.command(context_settings=OVERRIDES)
+def mirror(ctx: typer.Context, config_path: Path = ConfigOption) -> None:
+    """Keep a CPU copy of every stage (pulled after each DiLoCo round), serve it to joiners, checkpoint it."""
+    from distqat.distributed.mirror import run_mirror
+
+    _role("mirror", config_path, ctx, run_mirror)
 
 
 @app.command(context_settings=OVERRIDES)

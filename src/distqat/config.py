@@ -177,17 +177,6 @@ class ModelPipelineConfig(Section):
         return [stage.stage_name for stage in self.pipeline]
 
 
-def _refuse_unbuilt(feature: str):
-    """A validator for `enable` of a feature this version does not have: true is an error, not a no-op."""
-
-    def refuse(value: bool) -> bool:
-        if value:
-            raise ValueError(f"{feature} is not available in this version of DistQat yet")
-        return value
-
-    return field_validator("enable")(refuse)
-
-
 QuantLayerType = Literal["Linear", "Conv1d", "Conv2d", "Conv1D"]
 BoundaryActivations = Literal["none", "fp16", "int8", "codes"]
 BoundaryGradients = Literal["none", "fp16", "int8"]
@@ -272,11 +261,21 @@ class QuantConfig(QuantScheme):
 
 
 class ParamMirrorConfig(Section):
-    enable: bool = Field(False, description="run a param mirror that checkpoints every stage")
-    refresh_every: float = Field(30.0, gt=0, description="seconds between two mirror refreshes")
-    checkpoint_dir: str | None = Field(None, description="folder of the stage checkpoints; None: <log_dir>/checkpoints")
-
-    _not_built_yet = _refuse_unbuilt("the param mirror")
+    enable: bool = Field(
+        False,
+        description="`distqat local` and `distqat coordinator` also run a param mirror (`distqat mirror`): a CPU copy "
+        "of every stage, pulled from a live replica after each DiLoCo round, served to joiners and checkpointed "
+        "(needs diloco.enable)",
+    )
+    refresh_every: float = Field(
+        30.0,
+        gt=0,
+        description="seconds: the mirror also pulls a stage that trained on without a DiLoCo round after this long, "
+        "and writes a stage's checkpoint at least this often while it changes",
+    )
+    checkpoint_dir: str | None = Field(
+        None, description="folder of the stage checkpoints (servers' and the mirror's); None: <log_dir>/checkpoints"
+    )
 
 
 class CheckpointConfig(Section):
@@ -285,6 +284,16 @@ class CheckpointConfig(Section):
     keep: int = Field(3, ge=1, description="checkpoints kept per stage (older ones are deleted)")
     resume: bool = Field(
         True, description="a server that finds no live replica of its stage starts from the newest checkpoint"
+    )
+    every_rounds: int | None = Field(
+        None,
+        ge=1,
+        description="also write a checkpoint after this many DiLoCo rounds (servers and the mirror); None: by time",
+    )
+    newer_than: float | None = Field(
+        None,
+        description="Unix time: checkpoints written before it are ignored. `distqat local`/`coordinator` set it to "
+        "their start unless --resume, so a new run never picks up an earlier run's checkpoints",
     )
 
 
@@ -431,6 +440,15 @@ class Config(Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
             raise ValueError(f"'{value}' is not one of auto, cpu, cuda, cuda:N, mps")
         return value
+
+    @model_validator(mode="after")
+    def _mirror_needs_diloco(self) -> Config:
+        if self.param_mirror.enable and not self.diloco.enable:
+            raise ValueError(
+                "param_mirror.enable: the mirror downloads stage states through DiLoCo's state sharing; "
+                "it needs diloco.enable true"
+            )
+        return self
 
     @model_validator(mode="after")
     def _quant_stages_exist(self) -> Config:

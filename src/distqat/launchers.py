@@ -115,6 +115,7 @@ def threads_per_server(num_servers: int, num_stages: int, in_flight: int = 1) ->
 
 
 SUMMARY_ROWS = {
+    "first_step": "resumed from step",
     "steps": "steps",
     "samples": "samples",
     "first_loss": "loss, first 10 steps",
@@ -132,7 +133,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     table = Table(title="run summary", show_header=False)
     for key, label in SUMMARY_ROWS.items():
         value = summary.get(key)
-        if key in summary:
+        if key in summary and not (key == "first_step" and not value):  # a fresh run resumed from nothing
             table.add_row(label, f"{value:.4g}" if isinstance(value, float) else str(value))
     steps = max(1, summary.get("steps") or 1)
     if "bytes_sent" in summary:
@@ -183,12 +184,14 @@ def _start_monitor(
     max_steps: int,
     summary_path: Path | None,
     started_at: float,
+    first_step: int = 0,
 ) -> Callable[[threading.Event], str]:
     """Start the monitor; returns a function that waits for its DHT and returns the initial peers."""
     # What an earlier run left in this log dir must not be mistaken for this run's.
     for stale in (INITIAL_PEERS_FILE, METRICS_FILE):
         (log_dir / stale).unlink(missing_ok=True)
     args = ["--log-dir", str(log_dir), "--max-steps", str(max_steps), "--started-at", repr(started_at)]
+    args += ["--first-step", str(first_step)]
     if summary_path is not None:
         args += ["--summary", str(summary_path)]
     monitor = supervisor.start(
@@ -216,19 +219,25 @@ def _run_monitored(
     announce: Callable[[str], None],
     start_servers: Callable[[ProcessSupervisor, Path, Path, str], None] | None = None,
     expected_servers: int | None = None,
+    resume: bool = False,
 ) -> dict[str, Any] | None:
     """Monitor, optional local servers, client; until the monitor ends the run or we are stopped."""
     started_at = time.time()
     log_dir, _lock = claim_log_dir(config)  # the lock is held until we return
     summary_path = summary_path or log_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
+    config, first_step = resume_or_start_fresh(config, resume, started_at)
     config_path = log_dir / "config.yaml"
     dump_config(config, config_path)
     with ProcessSupervisor() as supervisor:
-        monitor_ready = _start_monitor(supervisor, config_path, log_dir, max_steps, summary_path, started_at)
+        monitor_ready = _start_monitor(
+            supervisor, config_path, log_dir, max_steps, summary_path, started_at, first_step
+        )
         preflight(config)  # while the monitor starts
         peers = monitor_ready(stop)
         announce(peers)
+        if config.param_mirror.enable:
+            start_mirror(supervisor, config_path, log_dir, peers)
         if start_servers is not None:
             start_servers(supervisor, config_path, log_dir, peers)
         _start_client(supervisor, config_path, log_dir, peers, max_steps)
@@ -241,7 +250,8 @@ def _run_monitored(
                 stop,
                 lambda name, code: name == "monitor" and code == 0,
                 live,
-                essential=lambda name: not name.startswith("server_"),  # the swarm lives on without a server
+                # The swarm lives on without a server, or without its mirror.
+                essential=lambda name: not name.startswith("server_") and name != "mirror",
             )
         supervisor.stop("client")  # trainers first, so that none sees its servers vanish mid-step
     plots = sorted((log_dir / PLOTS_DIR).glob("*.png"))
@@ -250,8 +260,47 @@ def _run_monitored(
     return _read_summary(summary_path)
 
 
+def resume_or_start_fresh(config: Config, resume: bool, started_at: float) -> tuple[Config, int]:
+    """(the config the roles get, the step the run's count starts from).
+
+    With `resume`, every stage must have a checkpoint that fits (else one ResumeError line) and the count
+    continues from theirs; without it, checkpoints written before `started_at` are ignored by every role.
+    """
+    if not resume:
+        if config.checkpoint.newer_than is not None:  # the user's own choice stands
+            return config, 0
+        fresh = config.checkpoint.model_copy(update={"newer_than": started_at})
+        return config.model_copy(update={"checkpoint": fresh}), 0
+    from distqat.resume import find_resume_point
+
+    point = find_resume_point(config)
+    found = ", ".join(
+        f"{stage}: {checkpoint.path.name} (run step {checkpoint.manifest.get('run_step')}, "
+        f"round {checkpoint.manifest.get('diloco_round')})"
+        for stage, checkpoint in point.checkpoints.items()
+    )
+    console.print(f"resuming from step {point.first_step}: {found}")
+    settings = config.checkpoint.model_copy(update={"newer_than": None, "resume": True})
+    return config.model_copy(update={"checkpoint": settings}), point.first_step
+
+
+def start_mirror(supervisor: ProcessSupervisor, config_path: Path, log_dir: Path, peers: str) -> None:
+    """The param mirror (`param_mirror.enable`), joining through `peers`."""
+    supervisor.start(
+        "mirror",
+        role_argv("mirror", config_path, "--initial-peers", peers),
+        log_dir / "mirror.log",
+        env={"DISTQAT_NUM_THREADS": "1"},
+    )
+
+
 def run_local(
-    config: Config, stop: threading.Event, max_steps: int, summary_path: Path | None, num_servers: int | None = None
+    config: Config,
+    stop: threading.Event,
+    max_steps: int,
+    summary_path: Path | None,
+    num_servers: int | None = None,
+    resume: bool = False,
 ) -> dict[str, Any] | None:
     """The whole swarm on this machine: monitor, servers (round-robin over the stages) and client."""
     stage_names = config.model_pipeline.stage_names
@@ -293,18 +342,19 @@ def run_local(
         lambda peers: console.print(f"DHT up at {peers}"),
         start_servers,
         expected_servers=num_servers,
+        resume=resume,
     )
 
 
 def run_coordinator(
-    config: Config, stop: threading.Event, max_steps: int, summary_path: Path | None
+    config: Config, stop: threading.Event, max_steps: int, summary_path: Path | None, resume: bool = False
 ) -> dict[str, Any] | None:
     """Monitor + client on this machine; servers join from others with the printed initial peers."""
 
     def announce(peers: str) -> None:
         console.print(f"DHT up. Start servers elsewhere with:\n  distqat servers --initial-peers {peers}")
 
-    return _run_monitored(config, stop, max_steps, summary_path, announce)
+    return _run_monitored(config, stop, max_steps, summary_path, announce, resume=resume)
 
 
 def run_servers(config: Config, stop: threading.Event, num_servers: int, stage: str | None) -> None:

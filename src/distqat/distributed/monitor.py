@@ -55,6 +55,7 @@ class SwarmView:
     stage_names: list[str] = field(default_factory=list)
     straggler_ratio: float = STRAGGLER_RATIO
     alerts: dict[str, str] = field(default_factory=dict)  # of the last row, by key
+    first_step: int = 0  # where a resumed run's step count starts (`--resume`: the checkpoints' run step)
 
     def update(
         self,
@@ -122,7 +123,7 @@ class SwarmView:
 
     @property
     def steps(self) -> int:
-        return self.retired_steps + sum(m.step for m in self.latest.values())
+        return self.first_step + self.retired_steps + sum(m.step for m in self.latest.values())
 
     @property
     def samples(self) -> int:
@@ -165,6 +166,7 @@ class SwarmView:
         last = [m.loss_avg for m in trainers if math.isfinite(m.loss_avg)]
         return {
             "mode": "swarm",
+            "first_step": self.first_step,
             "steps": self.steps,
             "samples": self.samples,
             "first_loss": sum(self.first_loss.values()) / len(self.first_loss) if self.first_loss else None,
@@ -193,12 +195,14 @@ def run_monitor(
     max_steps: int = 0,
     summary_path: Path | None = None,
     started_at: float | None = None,
+    first_step: int = 0,
 ) -> None:
     started_at = started_at or time.time()
     stage_names = config.model_pipeline.stage_names
     dht = start_dht(config.network)
     sinks: list[JsonlSink | WandbSink | TensorBoardSink] = []
-    view = SwarmView(straggler_ratio=config.monitor.straggler_ratio)
+    view = SwarmView(straggler_ratio=config.monitor.straggler_ratio, first_step=first_step)
+    published: tuple[int, float] = (-1, 0.0)
     try:
         peers = ",".join(visible_maddrs(dht))
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +251,7 @@ def run_monitor(
                 )
                 last_shape, last_row_at = shape, now
                 _log_alert_changes(view, row["fleet"])
+            published = _publish_progress(dht, config, view, published)
             if max_steps > 0 and view.steps >= max_steps:
                 logger.info("reached %d steps: run complete", view.steps)
                 break
@@ -260,6 +265,24 @@ def run_monitor(
         dht.shutdown()
         if config.monitor.plots:
             _draw_plots(log_dir)
+
+
+def _publish_progress(dht, config: Config, view: SwarmView, last: tuple[int, float]) -> tuple[int, float]:
+    """The run's step count into the DHT (on change, at most every poll), for checkpoints to record."""
+    now = time.monotonic()
+    if view.steps == last[0] or now - last[1] < POLL_PERIOD:
+        return last
+    try:
+        records.publish_run_progress(
+            dht,
+            config.experiment_prefix,
+            records.RunProgress(steps=view.steps, samples=view.samples),
+            config.network.dht_timeout,
+        )
+    except SwarmError as error:
+        logger.warning("could not publish the run's progress: %s", error)
+        return last
+    return view.steps, now
 
 
 def _log_alert_changes(view: SwarmView, fleet: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 It picks its stage (the config's choice, else the stage with the fewest live replicas, the slowest on
 ties) and the smallest free replica index, then takes the stage's state: from the most advanced live
-replica (with `diloco.enable`), else from the newest checkpoint of the stage, else fresh init. Only then
+replica (with `diloco.enable`), else from the param mirror, else from the newest checkpoint of the stage,
+else fresh init (`join_stage`, which logs the source). Only then
 does it announce itself, serve forward/backward over the stage RPC, and heartbeat a `ServerInfo` record
 whose expiry makes a dead server vanish from every routing table within `network.heartbeat_expiry` s.
 
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from hivemind import DHT
 
-from distqat.checkpoints import StageCheckpoints, fingerprint, split_tensors
+from distqat.checkpoints import restore_rng_state, rng_state, split_tensors
 from distqat.config import Config
 from distqat.distributed.compute_queue import ComputeQueue, Kind
 from distqat.distributed.optim import build_optimizer
@@ -37,6 +38,7 @@ from distqat.models import build_pipeline_stage
 from distqat.observability.call_stats import CallStats
 from distqat.quant.scheme import boundary_quantizer
 from distqat.quant.stages import build_stage
+from distqat.resume import stage_manifest, stage_store
 from distqat.runtime import autocast, resolve_device
 from distqat.swarm import boundary_codecs, records
 from distqat.swarm.events import EventLog
@@ -105,20 +107,10 @@ class StageServer:
             if config.diloco.enable
             else None
         )
-        stage_config = config.model_pipeline.pipeline[self.stage_index]
         # What a checkpoint must match: the stage's model and the exact names and shapes of its state.
-        self.checkpoints = StageCheckpoints(
-            config.resolved_checkpoint_dir,
-            stage_name,
-            fingerprint(
-                {
-                    "model": stage_config.model_name,
-                    "state": [(name, list(tensor.shape)) for name, tensor in module.state_dict().items()],
-                }
-            ),
-            keep=config.checkpoint.keep,
-        )
+        self.checkpoints = stage_store(config, self.stage_index, module, newer_than=config.checkpoint.newer_than)
         self._checkpointed_version = -1
+        self._checkpointed_round = 0
         self._trained = False  # has served a backward yet
         self.calls = CallStats()  # recent forward/backward latency, for the heartbeat
 
@@ -185,11 +177,28 @@ class StageServer:
             logger.warning("no live replica of '%s' gave its state", stage)
         elif peers:
             logger.warning("'%s' has live replicas but diloco.enable is false: not downloading their state", stage)
+        if not peers and self.sync is not None:
+            mirrored = await self._from_mirror()
+            if mirrored is not None:
+                return mirrored
         if self.config.checkpoint.resume:
             loaded = await self._run(self._load_checkpoint)
             if loaded is not None:
                 return loaded
         return "fresh weights"
+
+    async def _from_mirror(self) -> str | None:
+        """The stage's state from a param mirror that holds it (the state download picks live replicas first)."""
+        from distqat.distributed.mirror import mirrored_stage
+
+        held = await asyncio.to_thread(mirrored_stage, self.config, self.dht, self.info.stage)
+        if held is None:
+            return None
+        assert self.sync is not None
+        if not await self._run(self.sync.catch_up):
+            logger.warning("the param mirror holds '%s' but its state could not be downloaded", self.info.stage)
+            return None
+        return f"the param mirror (round {self.sync.diloco.round}, {held.steps} steps)"
 
     def _replica_state(self) -> dict[str, Any]:
         return {
@@ -198,6 +207,7 @@ class StageServer:
             "diloco": self.sync.diloco.state_dict() if self.sync is not None else None,
             "samples": self.replica.samples,
             "weights_version": self.replica.weights_version,
+            "rng": rng_state(),  # dropout and friends continue their sequence after a resume
         }
 
     def _load_checkpoint(self) -> str | None:
@@ -212,29 +222,50 @@ class StageServer:
             return None
         self.replica.samples = int(state.get("samples") or 0)
         self.replica.weights_version = int(state.get("weights_version") or 0) + 1
+        restore_rng_state(state.get("rng"))
         self._checkpointed_version = self.replica.weights_version
-        return f"checkpoint {checkpoint.path} (step {checkpoint.manifest.get('steps')})"
+        self._checkpointed_round = self.sync.diloco.round if self.sync is not None else 0
+        return (
+            f"checkpoint {checkpoint.path} (step {checkpoint.manifest.get('steps')}, "
+            f"run step {checkpoint.manifest.get('run_step')})"
+        )
 
-    def _checkpoint_snapshot(self):
-        manifest = {
-            "uid": self.info.uid,
-            "steps": self.replica.weights_version,
-            "samples": self.replica.samples,
-            "diloco_round": self.sync.diloco.round if self.sync is not None else 0,
-        }
+    def _checkpoint_snapshot(self, run_step: int | None):
+        manifest = stage_manifest(
+            self.config,
+            self.stage_index,
+            writer=self.info.uid,
+            uid=self.info.uid,
+            steps=self.replica.weights_version,
+            samples=self.replica.samples,
+            diloco_round=self.sync.diloco.round if self.sync is not None else 0,
+            run_step=run_step,
+        )
         return (*split_tensors(self._replica_state()), manifest)
+
+    async def _run_step(self) -> int | None:
+        """The run's step count (the monitor's), read before the snapshot: the state holds at least that much."""
+        try:
+            progress = await asyncio.to_thread(
+                records.fetch_run_progress, self.dht, self.config.experiment_prefix, self.config.network.dht_timeout
+            )
+        except SwarmError:
+            return None
+        return progress.steps if progress is not None else None
 
     async def write_checkpoint(self) -> None:
         version = self.replica.weights_version
         if version == self._checkpointed_version or version == 0:
             return  # nothing trained since the last one (or at all)
-        skeleton, tensors, manifest = await self._run(self._checkpoint_snapshot, kind=Kind.READ)
+        run_step = await self._run_step()
+        skeleton, tensors, manifest = await self._run(self._checkpoint_snapshot, run_step, kind=Kind.READ)
         try:
             path = await asyncio.to_thread(self.checkpoints.write, skeleton, tensors, manifest)
         except OSError as error:
             logger.warning("could not write a checkpoint of '%s': %s", self.info.stage, error)
             return
         self._checkpointed_version = version
+        self._checkpointed_round = manifest["diloco_round"]
         logger.debug("checkpoint of %s at step %d: %s", self.info.uid, version, path)
 
     # --- lifecycle ---
@@ -382,8 +413,14 @@ class StageServer:
                 self._syncing = False
 
     async def _checkpoint_loop(self) -> None:
-        while await self._pause(self.config.checkpoint.every):
-            await self.write_checkpoint()
+        settings = self.config.checkpoint
+        last = time.monotonic()
+        # Looks often enough to notice `every_rounds` rounds soon after the round that completes them.
+        while await self._pause(min(settings.every, self.config.network.heartbeat_period)):
+            rounds = self.sync.diloco.round - self._checkpointed_round if self.sync is not None else 0
+            if time.monotonic() - last >= settings.every or (settings.every_rounds and rounds >= settings.every_rounds):
+                await self.write_checkpoint()
+                last = time.monotonic()
 
     async def _rebalance_loop(self) -> None:
         """Move to a stage that has had no replica for `rebalance_after` s, if this is its designated spare."""

@@ -33,6 +33,8 @@ from distqat.swarm.records import ServerInfo
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+MIRROR_PRIORITY = -1.0  # the param mirror's state-sharing priority: below every live replica
+JOINING_PRIORITY = -2.0  # a replica's before its first heartbeat: below the mirror
 
 
 class StageSync:
@@ -68,6 +70,9 @@ class StageSync:
             allreduce_timeout=settings.averaging_timeout,
             state_provider=self._state_for_peer,
         )
+        # Until its first heartbeat sets a priority from real progress, a joining replica ranks below the param
+        # mirror (JOINING_PRIORITY < MIRROR_PRIORITY): another joiner must not download its untrained state.
+        self.averager.set_priority(JOINING_PRIORITY)
 
     # --- progress ---
 
@@ -152,7 +157,15 @@ class StageSync:
         return self._on_compute(self._snapshot)
 
     def _snapshot(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        return pack_state(self.replica.module, self.replica.optimizer, self.diloco, self.info.stage, self.info.uid)
+        return pack_state(
+            self.replica.module,
+            self.replica.optimizer,
+            self.diloco,
+            self.info.stage,
+            self.info.uid,
+            samples=self.replica.samples,
+            steps=self.replica.weights_version,
+        )
 
     def catch_up(self) -> bool:
         """Replace this replica's state by the most advanced live replica's; False if none could give it."""
@@ -204,14 +217,26 @@ def _still_waiting(what: str, every_s: float = 2.0) -> Iterator[None]:
 
 
 def pack_state(
-    module: torch.nn.Module, optimizer: torch.optim.Optimizer, diloco: DiLoCo, stage: str, uid: str
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    diloco: DiLoCo,
+    stage: str,
+    uid: str,
+    samples: int = 0,
+    steps: int = 0,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """A replica's whole state as (metadata, [one byte tensor]), the form hivemind's state download carries."""
     state = {"module": module.state_dict(), "inner_optimizer": optimizer.state_dict(), "diloco": diloco.state_dict()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     blob = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-    return {"format": STATE_FORMAT, "stage": stage, "uid": uid, "round": diloco.round}, [blob]
+    metadata = {"format": STATE_FORMAT, "stage": stage, "uid": uid, "round": diloco.round}
+    return {**metadata, "samples": samples, "steps": steps}, [blob]
+
+
+def read_packed_state(tensors: list[torch.Tensor]) -> dict[str, Any]:
+    """The nested state inside a packed state's byte tensor (raises on a damaged one)."""
+    return torch.load(io.BytesIO(tensors[0].numpy().tobytes()), weights_only=True)
 
 
 def unpack_state(
@@ -228,7 +253,7 @@ def unpack_state(
     if metadata.get("stage") != stage:
         return f"{metadata.get('uid')} sent the state of stage '{metadata.get('stage')}', this is '{stage}'"
     try:
-        state = torch.load(io.BytesIO(tensors[0].numpy().tobytes()), weights_only=True)
+        state = read_packed_state(tensors)
     except (RuntimeError, ValueError, EOFError) as error:
         return f"{metadata.get('uid')} sent an unreadable state: {error}"
     problem = load_replica_state(state, module, optimizer, diloco)

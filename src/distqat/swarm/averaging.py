@@ -238,6 +238,10 @@ class StageAverager:
     def set_priority(self, priority: float) -> None:
         self._averager.state_sharing_priority = priority
 
+    def share_state(self, allowed: bool) -> None:
+        """Advertise this peer as a donor of the stage's state (or stop): the param mirror, once it holds one."""
+        self._averager.allow_state_sharing = allowed
+
     def average(self, tensors: Sequence[torch.Tensor], weight: float, round_id: int, timeout: float) -> AveragingResult:
         started = time.time()
         outer = self._outer_digest()

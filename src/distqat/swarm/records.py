@@ -201,3 +201,60 @@ def fetch_round_outcomes(dht: DHT, prefix: str, stage: str, timeout: float) -> d
     """The latest outcome each replica of `stage` reported, by peer id."""
     outcomes = _get_subkeys(dht, round_outcome_key(prefix, stage), RoundOutcome, timeout)
     return {outcome.peer_id: outcome for outcome in outcomes}
+
+
+# --- run progress and the param mirror (checkpoints, resume) ---
+#   `{prefix}:run`     subkey = "progress"   -> RunProgress (the monitor's step count; expires after RUN_RECORD_TTL)
+#   `{prefix}:mirror`  subkey = peer id      -> MirrorInfo  (the mirror's heartbeat; expires after heartbeat_expiry)
+
+RUN_RECORD_TTL = 60.0  # seconds
+
+
+class RunProgress(Record):
+    """The run's step count as the monitor sees it (every life of every trainer, plus where a resume started)."""
+
+    steps: NonNegativeInt = 0
+    samples: NonNegativeInt = 0
+    updated_at: float = 0.0
+
+
+class MirroredStage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    round: NonNegativeInt = 0  # DiLoCo rounds applied in the held state
+    steps: NonNegativeInt = 0  # inner steps of the replica it came from
+    pulled_at: float = 0.0  # unix time
+
+
+class MirrorInfo(Record):
+    """What a param mirror holds: the stages whose state it serves to joiners."""
+
+    peer_id: str
+    stages: dict[str, MirroredStage] = Field(default_factory=dict)
+    updated_at: float = 0.0
+
+
+def run_key(prefix: str) -> str:
+    return f"{prefix}:run"
+
+
+def mirror_key(prefix: str) -> str:
+    return f"{prefix}:mirror"
+
+
+def publish_run_progress(dht: DHT, prefix: str, progress: RunProgress, timeout: float) -> None:
+    progress.updated_at = time.time()
+    _store(dht, run_key(prefix), "progress", progress.model_dump(), RUN_RECORD_TTL, timeout)
+
+
+def fetch_run_progress(dht: DHT, prefix: str, timeout: float) -> RunProgress | None:
+    found = _get_subkeys(dht, run_key(prefix), RunProgress, timeout)
+    return max(found, key=lambda progress: progress.updated_at) if found else None
+
+
+def announce_mirror(dht: DHT, prefix: str, info: MirrorInfo, ttl: float, timeout: float) -> None:
+    info.updated_at = time.time()
+    _store(dht, mirror_key(prefix), info.peer_id, info.model_dump(), ttl, timeout)
+
+
+def fetch_mirrors(dht: DHT, prefix: str, timeout: float) -> list[MirrorInfo]:
+    return _get_subkeys(dht, mirror_key(prefix), MirrorInfo, timeout)
