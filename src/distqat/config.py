@@ -353,6 +353,38 @@ class NetworkConfig(Section):
         return self
 
 
+class PipeliningConfig(Section):
+    """Micro-batches in flight between trainers and stage servers (distributed/schedule.py, compute_queue.py)."""
+
+    in_flight: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="micro-batches (of diloco.batch_size_per_step samples each) a trainer keeps in flight through "
+        "the stages at once; 1: one after another",
+    )
+    server_max_in_flight: int = Field(
+        32,
+        ge=1,
+        description="forwards a stage server holds at once, queued or waiting for their backward, over all trainers; "
+        "further forwards get a busy reply (the trainer backs off and retries) instead of growing memory",
+    )
+    server_max_in_flight_per_trainer: int = Field(
+        8,
+        ge=1,
+        description="the same bound per trainer, so that a dead trainer's micro-batches cannot lock out the others",
+    )
+    server_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of each stage server started by `distqat local`/`distqat servers`; None: the "
+        "machine's cores divided among the servers computing at once",
+    )
+    busy_backoff: float = Field(
+        0.05, gt=0, description="seconds a trainer first waits after a busy reply (doubling, at most 1 s)"
+    )
+
+
 class MonitorConfig(Section):
     tensorboard: bool = Field(
         False, description="also write the monitor's metrics as TensorBoard event files in <log_dir>/tensorboard"
@@ -388,6 +420,7 @@ class Config(Section):
     data_server: DataServerConfig = Field(default_factory=DataServerConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    pipelining: PipeliningConfig = Field(default_factory=PipeliningConfig)
 
     @field_validator("experiment_prefix")
     @classmethod

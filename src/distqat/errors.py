@@ -34,5 +34,9 @@ class StageTimeoutError(StageCallError):
     """A remote stage call did not answer within its timeout (the peer is dead, frozen or overloaded)."""
 
 
+class StageBusyError(SwarmError):
+    """A stage server refused a forward because its queue is full: back off and retry (the replica is healthy)."""
+
+
 class NoReplicaError(SwarmError):
     """A stage has no live replica to route to."""

@@ -103,14 +103,15 @@ def wait_for_file(path: Path, owner: RoleProcess, stop: threading.Event, timeout
     raise LaunchError(f"{owner.name} did not write {path} within {timeout:.0f} s (log: {owner.log_path})")
 
 
-def threads_per_server(num_servers: int, num_stages: int) -> int:
+def threads_per_server(num_servers: int, num_stages: int, in_flight: int = 1) -> int:
     """Torch threads for each local server, so that the servers busy at one moment share the cores.
 
-    A trainer keeps one micro-batch in flight, so each pipeline keeps one of its servers busy at a
-    time: the busy servers are as many as the pipelines, and they divide the cores among them.
+    With one micro-batch in flight, each pipeline keeps one of its servers busy at a time: the busy servers
+    are as many as the pipelines, and they divide the cores among them. With several in flight
+    (`pipelining.in_flight`), every server computes at once: the cores are divided among all of them.
     """
-    pipelines = max(1, num_servers // max(1, num_stages))
-    return max(1, (os.cpu_count() or 1) // pipelines)
+    busy = num_servers if in_flight > 1 else max(1, num_servers // max(1, num_stages))
+    return max(1, (os.cpu_count() or 1) // busy)
 
 
 SUMMARY_ROWS = {
@@ -304,7 +305,10 @@ def run_local(
     """The whole swarm on this machine: monitor, servers (round-robin over the stages) and client."""
     stage_names = config.model_pipeline.stage_names
     num_servers = num_servers or config.world_size or len(stage_names)
-    threads = str(threads_per_server(num_servers, len(stage_names)))
+    threads = str(
+        config.pipelining.server_threads
+        or threads_per_server(num_servers, len(stage_names), config.pipelining.in_flight)
+    )
 
     def start_servers(supervisor: ProcessSupervisor, config_path: Path, log_dir: Path, peers: str) -> None:
         # The first replica of every stage starts at once; the spares start once those serve, so that each
@@ -364,7 +368,10 @@ def run_servers(config: Config, stop: threading.Event, num_servers: int, stage: 
     log_dir, _lock = claim_log_dir(config)
     config_path = log_dir / "servers_config.yaml"
     dump_config(config, config_path)
-    threads = str(threads_per_server(num_servers, config.num_stages))
+    threads = str(
+        config.pipelining.server_threads
+        or threads_per_server(num_servers, config.num_stages, config.pipelining.in_flight)
+    )
     with ProcessSupervisor() as supervisor:
         for index in range(num_servers):
             ready_file = log_dir / f"server_{index}.ready"

@@ -45,22 +45,62 @@ def test_forward_backward_matches_local_autograd_and_steps() -> None:
     assert replica.in_flight == 0
 
 
-def test_backward_after_weights_moved_recomputes_with_current_weights() -> None:
+def _reference_grads(module: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor):
+    """Gradients w.r.t. the parameters and the inputs of `module` as it is now, computed apart."""
+    reference = copy.deepcopy(module)
+    ref_inputs = inputs.clone().requires_grad_(True)
+    reference(ref_inputs).backward(grad_out)
+    return [p.grad.clone() for p in reference.parameters()], ref_inputs.grad
+
+
+def test_interleaved_micro_batches_get_the_gradient_of_the_weights_their_forward_used() -> None:
+    """Weight stashing: two callers' forwards at the same weights; the first backward steps the optimiser;
+    the second backward still gets the gradient of the weights its forward ran with, applied to the new ones."""
     torch.manual_seed(1)
     module = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
-    replica = make_replica(module)
+    replica = make_replica(module, lr=0.1)
     x1, x2 = torch.randn(2, 3), torch.randn(2, 3)
     g1, g2 = torch.randn(2, 2), torch.randn(2, 2)
-    replica.forward("a", "1", x1)
-    replica.forward("b", "1", x2)  # same id, other caller: a separate micro-batch
-    replica.backward("a", "1", g1)  # steps the optimiser: b's kept graph is now stale
+    w0 = copy.deepcopy(module)
+    ref_out2 = w0(x2).detach()
+    grads1, ref_gin1 = _reference_grads(w0, x1, g1)
+    grads2, ref_gin2 = _reference_grads(w0, x2, g2)
 
-    reference = copy.deepcopy(module)
-    ref_x2 = x2.clone().requires_grad_(True)
-    reference(ref_x2).backward(g2)
-    grad_in = replica.backward("b", "1", g2)  # must not raise autograd's in-place error
-    assert replica.recomputed_forwards == 1
-    assert torch.allclose(grad_in, ref_x2.grad)
+    replica.forward("a", "1", x1)
+    out2 = replica.forward("b", "1", x2)  # same id, other caller: a separate micro-batch
+    gin1 = replica.backward("a", "1", g1)  # steps the optimiser while b's graph is kept
+    gin2 = replica.backward("b", "1", g2)  # must not raise autograd's in-place error, nor use stale values
+
+    assert torch.allclose(out2, ref_out2)
+    assert torch.allclose(gin1, ref_gin1) and torch.allclose(gin2, ref_gin2)
+    for param, ref, d1, d2 in zip(module.parameters(), w0.parameters(), grads1, grads2, strict=True):
+        assert torch.allclose(param, ref - 0.1 * d1 - 0.1 * d2, atol=1e-6)
+    assert replica.weights_version == 2 and replica.in_flight == 0
+    assert replica.stashed_versions == 1  # one copy of the weights, at the step that b's graph outlived
+
+
+def test_one_micro_batch_in_flight_never_copies_the_weights() -> None:
+    replica = make_replica(nn.Linear(4, 2))
+    for step in range(3):
+        replica.forward("t", str(step), torch.randn(2, 4))
+        replica.backward("t", str(step), torch.randn(2, 2))
+    assert replica.stashed_versions == 0 and replica.weights_version == 3
+
+
+def test_weights_written_outside_keep_kept_graphs_valid() -> None:
+    """A DiLoCo round or a state load writes the weights in place: `before_weight_change` first keeps the
+    graphs of the micro-batches in flight on the weights they ran with (no stale graph, no autograd error)."""
+    torch.manual_seed(2)
+    module = nn.Linear(3, 2)
+    replica = make_replica(module, lr=0.0)
+    x, g = torch.randn(4, 3), torch.randn(4, 2)
+    w0 = copy.deepcopy(module)
+    _, ref_gin = _reference_grads(w0, x, g)
+    replica.forward("t", "0", x)
+    replica.before_weight_change()
+    with torch.no_grad():
+        module.weight.mul_(3.0)  # what an outer step does
+    assert torch.allclose(replica.backward("t", "0", g), ref_gin)
 
 
 def test_first_stage_returns_no_input_gradient() -> None:

@@ -96,6 +96,9 @@ class SwarmView:
                 outer_digest=info.outer_digest,
                 bytes_activations=info.bytes_activations,
                 bytes_averaging=info.bytes_averaging,
+                utilisation=info.utilisation,
+                busy_s=info.busy_s,
+                refused=info.refused,
             )
         self.pipelines = count_complete_pipelines(replicas, stage_names)
         self.stage_names = list(stage_names)

@@ -8,8 +8,10 @@ bytes_sent / bytes_received).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -21,7 +23,7 @@ from torch import nn
 from distqat.config import Config
 from distqat.distributed.local_boundary import LocalBoundary
 from distqat.distributed.optim import build_optimizer
-from distqat.errors import StageCallError
+from distqat.errors import StageBusyError, StageCallError
 from distqat.quant.scheme import boundary_quantizer
 from distqat.quant.stages import build_stages
 from distqat.swarm import boundary_codecs
@@ -61,6 +63,7 @@ class RemotePipeline:
     router: Router
     traffic: TrafficCounter = field(default_factory=TrafficCounter)
     rerouted: int = 0  # forward hops retried on another replica after a failure
+    busy_replies: int = 0  # forwards refused by a full replica and retried
     _ids: itertools.count = field(default_factory=itertools.count)
 
     async def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -102,13 +105,25 @@ class RemotePipeline:
     async def _forward_with_retries(
         self, stage: str, activations: torch.Tensor, metadata: dict
     ) -> tuple[ServerInfo, list[torch.Tensor], dict | None]:
-        """Forward on one replica of `stage`; on failure (that replica is then banned) on the next one."""
+        """Forward on one replica of `stage`; on failure (that replica is then banned) on the next one.
+
+        A busy reply (the replica's queue is full) is no failure: wait, doubling the wait, and ask again
+        (the router may pick another replica), for at most `forward_timeout` seconds."""
+        busy_until, backoff = time.monotonic() + self.config.model_pipeline.forward_timeout, None
         while True:
             replica = self.router.pick(stage)  # NoReplicaError when every replica has failed: the step fails
             try:
                 outputs, header = await self._hop(
                     replica, "forward", activations, metadata, self.config.model_pipeline.forward_timeout, replies=1
                 )
+            except StageBusyError as error:
+                self.busy_replies += 1
+                if time.monotonic() >= busy_until:
+                    self.router.ban(replica)
+                    raise StageCallError(f"{error} for {self.config.model_pipeline.forward_timeout:.0f} s") from None
+                backoff = min(1.0, 2 * backoff) if backoff else self.config.pipelining.busy_backoff
+                await asyncio.sleep(backoff)
+                continue
             except StageCallError as error:
                 if not self.router.usable(stage):
                     raise
@@ -133,6 +148,8 @@ class RemotePipeline:
         metadata = {**metadata, "uid": replica.uid}  # a peer that now serves another stage refuses the call
         try:
             result = await self.client.call(replica, method, [tensor], metadata, timeout)
+            if result.metadata.get("busy"):
+                raise StageBusyError(f"{method} to {replica.uid} refused: its queue is full")
             outputs = expect_tensors(result, replies, f"{method} of {replica.uid}")
         except StageCallError:
             self.router.ban(replica)

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from hivemind import DHT
 
 from distqat.checkpoints import restore_rng_state, rng_state, split_tensors
 from distqat.config import Config
+from distqat.distributed.compute_queue import ComputeQueue, Kind
 from distqat.distributed.optim import build_optimizer
 from distqat.distributed.replica import StageReplica
 from distqat.distributed.stage_sync import StageSync, load_replica_state
@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 
 class StageServer:
-    """Serves one StageReplica; compute runs on one worker thread so the event loop stays responsive."""
+    """Serves one StageReplica; compute runs on one thread fed by a bounded priority queue (`compute_queue`), so
+    the event loop stays responsive and a full server answers busy instead of growing memory."""
 
     def __init__(self, config: Config, dht: DHT, stage_name: str, expert_index: int):
         self.config, self.dht = config, dht
@@ -83,14 +84,26 @@ class StageServer:
             "none" if self.stage_index == 0 else config.quant.boundary_for(names[self.stage_index - 1]).gradients
         )
         self.events = EventLog(f"server_{self.info.peer_id[-8:]}")
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
+        pipelining = config.pipelining
+        self._compute = ComputeQueue(
+            pipelining.server_max_in_flight,
+            pipelining.server_max_in_flight_per_trainer,
+            held=lambda caller: self.replica.in_flight if caller is None else self.replica.in_flight_of(caller),
+            before_other=self.replica.before_weight_change,  # a DiLoCo round or a state load may write the weights
+        )
         self._window_start, self._window_samples = time.monotonic(), 0
         self._syncing = False  # a DiLoCo round or state download holds the compute thread
         self._halt = threading.Event()  # set on stop, or to move to another stage
         self.move_to: str | None = None
         self._serving_since = time.monotonic()
         self.sync = (
-            StageSync(config, dht, self.info, self.replica, on_compute=lambda fn: self._compute.submit(fn).result())
+            StageSync(
+                config,
+                dht,
+                self.info,
+                self.replica,
+                on_compute=lambda fn: self._compute.submit(Kind.OTHER, fn).result(),
+            )
             if config.diloco.enable
             else None
         )
@@ -114,16 +127,22 @@ class StageServer:
         (payload,) = tensors
         inputs = boundary_codecs.decode(payload, metadata.get("codec"))
         if metadata.get("eval"):  # held-out evaluation: no backward follows, keep nothing
-            return self._encoded(await self._run(self.replica.infer, inputs), self.output_codec)
+            return self._encoded(await self._run(self.replica.infer, inputs, kind=Kind.READ), self.output_codec)
+        if not self._compute.admit(caller):  # full: a busy reply, not unbounded memory; the trainer retries
+            return [], {"busy": True}
         with self.calls.track("forward"):
-            outputs = await self._run(self.replica.forward, caller, str(metadata["mb"]), inputs)
+            outputs = await self._queued(
+                self._compute.submit_forward(caller, self.replica.forward, caller, str(metadata["mb"]), inputs)
+            )
         return self._encoded(outputs, self.output_codec)
 
     async def backward(self, tensors: list[torch.Tensor], metadata: dict[str, Any], caller: str):
         (payload,) = tensors
         grad_outputs = boundary_codecs.decode(payload, metadata.get("codec"))
         with self.calls.track("backward"):
-            grad_inputs = await self._run(self.replica.backward, caller, str(metadata["mb"]), grad_outputs)
+            grad_inputs = await self._run(
+                self.replica.backward, caller, str(metadata["mb"]), grad_outputs, kind=Kind.BACKWARD
+            )
         self.info.batch_size = len(grad_outputs)
         if not self._trained:
             self._trained = True
@@ -135,11 +154,14 @@ class StageServer:
             return [], {}
         return self._encoded(grad_inputs, self.grad_codec)
 
-    async def _run(self, function, *args):
+    async def _run(self, function, *args, kind: Kind = Kind.OTHER):
         # One compute thread: forward, backward and the weights digest never overlap an optimiser step.
+        return await self._queued(self._compute.submit(kind, function, *args))
+
+    async def _queued(self, future):
         self.info.queue += 1  # calls waiting for or holding the compute thread: trainers prefer short queues
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
+            return await asyncio.wrap_future(future)
         finally:
             self.info.queue -= 1
 
@@ -236,7 +258,7 @@ class StageServer:
         if version == self._checkpointed_version or version == 0:
             return  # nothing trained since the last one (or at all)
         run_step = await self._run_step()
-        skeleton, tensors, manifest = await self._run(self._checkpoint_snapshot, run_step)
+        skeleton, tensors, manifest = await self._run(self._checkpoint_snapshot, run_step, kind=Kind.READ)
         try:
             path = await asyncio.to_thread(self.checkpoints.write, skeleton, tensors, manifest)
         except OSError as error:
@@ -273,7 +295,7 @@ class StageServer:
             )
             if self.config.checkpoint.enable:
                 await self.write_checkpoint()  # a stopped or moving replica leaves its latest state behind
-            self._compute.shutdown(wait=True, cancel_futures=True)
+            self._compute.shutdown(wait=True)
             if self.sync is not None:
                 self.sync.shutdown()
         return self.move_to
@@ -307,7 +329,7 @@ class StageServer:
         max_age = self.config.model_pipeline.forward_timeout + self.config.model_pipeline.backward_timeout
         while await self._pause(max(1.0, max_age / 4)):
             if not self._syncing:
-                dropped = await self._run(self.replica.drop_expired, max_age)
+                dropped = await self._run(self.replica.drop_expired, max_age, kind=Kind.READ)
                 if dropped:
                     logger.warning("dropped %d micro-batches whose backward never came", dropped)
 
@@ -342,9 +364,15 @@ class StageServer:
         if changed and not self._syncing:
             # Read on the compute thread, so the digest and the step count describe the same weights.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._run(self._describe_weights), self.config.network.heartbeat_period)
+                await asyncio.wait_for(
+                    self._run(self._describe_weights, kind=Kind.READ), self.config.network.heartbeat_period
+                )
         self.info.forward_ms, self.info.backward_ms = self.calls.mean_ms["forward"], self.calls.mean_ms["backward"]
         self.info.in_flight = self.replica.in_flight
+        self.info.busy_s = self._compute.busy_seconds()
+        self.info.refused = self._compute.refused
+        if elapsed >= 5.0:
+            self.info.utilisation = self._compute.utilisation()
         self.info.updated_at = time.time()
         return self.info
 

@@ -6,6 +6,7 @@ steps, and publishes its progress to the DHT. A failed hop (timeout, dead peer, 
 one line and the replica is avoided for `network.ban_time` seconds: a failed forward is retried at once on
 another replica of the stage, a failed backward drops the micro-batch, which is retried whole on a fresh
 route. With no route at all it waits for one, and the client stops it if the pipeline is gone for good.
+With `pipelining.in_flight` > 1 it keeps that many micro-batches going through the stages at once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,8 +67,9 @@ class Progress:
         if self.started is None:
             self.started = self._step_began
 
-    def finish_step(self, loss: float, batch_size: int) -> None:
-        self.step_times.append(time.monotonic() - self._step_began)
+    def finish_step(self, loss: float, batch_size: int, began: float | None = None) -> None:
+        """`began`: when this micro-batch started (several can be in flight); default: the last start_step."""
+        self.step_times.append(time.monotonic() - (self._step_began if began is None else began))
         self.batch_size, self.waiting = batch_size, False
         self.step += 1
         self.samples += batch_size
@@ -150,15 +151,12 @@ async def evaluate_now(pipeline: Pipeline, held_out: HeldOut, progress: Progress
     )
 
 
-async def _unless_stopped(step: Coroutine[Any, Any, float], stop: threading.Event, poll_s: float = 0.2) -> float:
-    """Await `step`, cancelled as soon as `stop` is set: stopping must not wait for a call to a dead peer
-    to time out (its micro-batch is dropped; the replicas forget it)."""
-    task = asyncio.ensure_future(step)
-    while not task.done():
-        await asyncio.wait({task}, timeout=poll_s)
-        if stop.is_set() and not task.done():
-            task.cancel()
-    return task.result()  # raises CancelledError when cancelled
+async def _cancel_all(tasks: dict[asyncio.Task, Any]) -> None:
+    """Cancel micro-batches in flight: stopping must not wait for a call to a dead peer to time out (the
+    replicas forget what they kept for them)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def train(
@@ -172,48 +170,76 @@ async def train(
     held_out: HeldOut | None = None,
     eval_every: int = 0,
     events: EventLog | None = None,
+    in_flight: int = 1,
+    poll_s: float = 0.2,
 ) -> None:
-    """Train until `max_steps` (0: forever) or `stop`; hop failures are retried, other errors propagate."""
-    inputs, labels = await asyncio.to_thread(batches.next)
+    """Train until `max_steps` (0: forever) or `stop`; hop failures are retried, other errors propagate.
+
+    Keeps up to `in_flight` micro-batches (one step's batch each) going through the pipeline at once, so
+    that every stage has work while the others compute; a step counts when its backward has returned.
+    A micro-batch whose step failed is sent again whole, before any new batch."""
+    running: dict[asyncio.Task, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    retry: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
     waiting_since: float | None = None
-    while not stop.is_set() and (max_steps <= 0 or progress.step < max_steps):
-        progress.start_step()
-        try:
-            loss = await _unless_stopped(pipeline.train_step(inputs, labels), stop)
-        except asyncio.CancelledError:
-            if stop.is_set():
-                break
-            raise
-        except (StageCallError, NoReplicaError) as error:
-            progress.failures += 1
-            progress.last_error = str(error)
-            progress.waiting = isinstance(error, NoReplicaError)
-            if events is not None and isinstance(error, StageCallError):  # work done on this micro-batch is lost
-                events.emit("step_failed", step=progress.step + 1, error=str(error))
-            # A failed call is news; waiting for a replica is logged once, then every 30 s.
-            if isinstance(error, StageCallError) or waiting_since is None or time.monotonic() - waiting_since > 30:
-                logger.error("step %d failed: %s", progress.step + 1, error)
-                waiting_since = time.monotonic() if isinstance(error, NoReplicaError) else None
-            if on_no_route is not None:
-                on_no_route.set()  # ask for a fresh view of the swarm before retrying
-            if isinstance(error, NoReplicaError):
-                await asyncio.to_thread(stop.wait, retry_wait_s)
-            # After a failed call the replica at fault is banned: retry the micro-batch at once, elsewhere.
-            continue
-        waiting_since = None
-        progress.finish_step(loss, len(labels))
-        if events is not None:
-            events.emit("step", step=progress.step)
-        logger.info(
-            "step %d loss %.4f (avg %.4f) %.1f samples/s",
-            progress.step,
-            loss,
-            sum(progress.losses) / len(progress.losses),
-            progress.samples / progress.train_time_s,
-        )
-        if held_out is not None and eval_every > 0 and progress.step % eval_every == 0:
-            await evaluate_now(pipeline, held_out, progress)
-        inputs, labels = await asyncio.to_thread(batches.next)
+    resume_at = 0.0  # no new micro-batch before this time (no route: wait `retry_wait_s`)
+    try:
+        while not stop.is_set():
+            while (
+                len(running) < in_flight
+                and (max_steps <= 0 or progress.step + len(running) < max_steps)
+                and time.monotonic() >= resume_at
+                and not stop.is_set()
+            ):
+                inputs, labels = retry.popleft() if retry else await asyncio.to_thread(batches.next)
+                progress.start_step()
+                task = asyncio.ensure_future(pipeline.train_step(inputs, labels))
+                running[task] = (inputs, labels, time.monotonic())
+            if not running:
+                if max_steps > 0 and progress.step >= max_steps:
+                    break
+                await asyncio.to_thread(stop.wait, max(0.0, min(poll_s, resume_at - time.monotonic())))
+                continue
+            done, _ = await asyncio.wait(running, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                inputs, labels, began = running.pop(task)
+                try:
+                    loss = task.result()
+                except (StageCallError, NoReplicaError) as error:
+                    retry.append((inputs, labels))
+                    progress.failures += 1
+                    progress.last_error = str(error)
+                    progress.waiting = isinstance(error, NoReplicaError)
+                    if events is not None and isinstance(error, StageCallError):  # work done on it is lost
+                        events.emit("step_failed", step=progress.step + 1, error=str(error))
+                    # A failed call is news; waiting for a replica is logged once, then every 30 s.
+                    if (
+                        isinstance(error, StageCallError)
+                        or waiting_since is None
+                        or time.monotonic() - waiting_since > 30
+                    ):
+                        logger.error("step %d failed: %s", progress.step + 1, error)
+                        waiting_since = time.monotonic() if isinstance(error, NoReplicaError) else None
+                    if on_no_route is not None:
+                        on_no_route.set()  # ask for a fresh view of the swarm before retrying
+                    if isinstance(error, NoReplicaError):
+                        resume_at = time.monotonic() + retry_wait_s
+                    # After a failed call the replica at fault is banned: the retry goes elsewhere at once.
+                    continue
+                waiting_since = None
+                progress.finish_step(loss, len(labels), began)
+                if events is not None:
+                    events.emit("step", step=progress.step)
+                logger.info(
+                    "step %d loss %.4f (avg %.4f) %.1f samples/s",
+                    progress.step,
+                    loss,
+                    sum(progress.losses) / len(progress.losses),
+                    progress.samples / progress.train_time_s,
+                )
+                if held_out is not None and eval_every > 0 and progress.step % eval_every == 0:
+                    await evaluate_now(pipeline, held_out, progress)
+    finally:
+        await _cancel_all(running)
 
 
 async def _refresh_routes_once(dht: DHT, config: Config, router: Router) -> None:
@@ -288,6 +314,7 @@ async def _train_in_swarm(
             held_out=held_out,
             eval_every=config.data.eval_every,
             events=events,
+            in_flight=config.pipelining.in_flight,
         )
         finished = max_steps > 0 and progress.step >= max_steps
         await _publish(dht, config, progress.record(peer_id, pipeline.traffic, finished=finished))

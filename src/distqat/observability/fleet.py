@@ -54,6 +54,8 @@ def replica_row(info: ServerInfo, now: float) -> dict[str, Any]:
         "backward_ms": info.backward_ms,
         "queue": info.queue,
         "in_flight": info.in_flight,
+        "utilisation": info.utilisation,
+        "refused": info.refused,
         "diloco_round": info.diloco_round,
         "bytes_activations": info.bytes_activations,
         "bytes_averaging": info.bytes_averaging,

@@ -68,6 +68,10 @@ class ServerInfo(Record):
     backward_ms: NonNegativeFloat = 0.0  # recent mean time of a backward call here, queueing included
     in_flight: NonNegativeInt = 0  # micro-batches whose forward ran and whose backward has not come yet
     batch_size: NonNegativeInt = 0  # samples in the last backward it served
+    # Added for pipelining (issue 7; optional: older servers do not send them).
+    utilisation: float = Field(0.0, ge=0, le=1)  # busy time / wall time of its compute thread, last ~5 s
+    busy_s: NonNegativeFloat = 0.0  # seconds its compute thread has been busy since it started
+    refused: NonNegativeInt = 0  # forwards refused with a busy reply (its queue was full)
 
 
 class TrainerMetrics(Record):
