@@ -7,8 +7,10 @@ Wav2Vec2-base by default (12 layers, 768 hidden, 94.6M parameters with the head)
 overrides the Wav2Vec2Config fields below; `pretrained_path` loads a folder written by `save_pretrained`
 (e.g. a download of `facebook/wav2vec2-base`; a classification head missing from it starts random).
 
-Training differs from `transformers`' own loop in two ways, both to keep a stage's backward exact when a
-server recomputes its forward: no LayerDrop and no SpecAugment time masking.
+Training differs from `transformers`' own loop in two ways: no LayerDrop and no SpecAugment time masking.
+Both were chosen when a server recomputed a stage's forward for its backward, which random layer drops
+and masks would have made inexact; servers now keep the forward's graph (weight stashing,
+`distributed/replica.py`), so the two could come back, which would be a change of the model's training.
 """
 
 from __future__ import annotations
