@@ -58,6 +58,17 @@ async def tail_server(config: Config) -> AsyncIterator[StageServer]:
         dht.shutdown()
 
 
+@asynccontextmanager
+async def trainer_peers(count: int) -> AsyncIterator[list[P2P]]:
+    """`count` trainers' P2P nodes, all shut down at the end (one shut down earlier by the test is fine)."""
+    peers = [await P2P.create() for _ in range(count)]
+    try:
+        yield peers
+    finally:
+        for p2p in peers:
+            await p2p.shutdown()
+
+
 async def call(client: StageClient, server: StageServer, method, tensor: torch.Tensor, mb: str):
     return await client.call(server.info, method, [tensor], {"mb": mb, "uid": server.info.uid}, timeout=20.0)
 
@@ -70,16 +81,12 @@ def test_two_trainers_get_their_own_outputs_and_gradients(tmp_path: Path) -> Non
     async def scenario() -> None:
         async with tail_server(config) as server:
             reference = copy.deepcopy(server.replica.module)
-            trainers = {name: await P2P.create() for name in x}
-            try:
-                clients = {name: StageClient(p2p) for name, p2p in trainers.items()}
+            async with trainer_peers(len(x)) as peers:
+                clients = {name: StageClient(p2p) for name, p2p in zip(x, peers, strict=True)}
                 # Same micro-batch id from both trainers, both forwards at once, then both backwards at once.
                 outs = await asyncio.gather(*(call(clients[n], server, "forward", x[n], "0") for n in x))
                 assert server.replica.in_flight == 2
                 grads = await asyncio.gather(*(call(clients[n], server, "backward", g[n], "0") for n in x))
-            finally:
-                for p2p in trainers.values():
-                    await p2p.shutdown()
             for name, out, grad in zip(x, outs, grads, strict=True):
                 ref_in = x[name].clone().requires_grad_(True)
                 ref_out = reference(ref_in)
@@ -98,24 +105,19 @@ def test_queue_bound_answers_busy_and_admits_again_after_a_backward(tmp_path: Pa
     )
 
     async def scenario() -> None:
-        async with tail_server(config) as server:
-            a, b = await P2P.create(), await P2P.create()
-            try:
-                ca, cb = StageClient(a), StageClient(b)
-                x = torch.randn(2, 64)
-                for mb in ("0", "1"):
-                    assert (await call(ca, server, "forward", x, mb)).tensors
-                refused = await call(ca, server, "forward", x, "2")  # over its own bound
-                assert refused.metadata.get("busy") and not refused.tensors
-                assert (await call(cb, server, "forward", x, "0")).tensors
-                refused = await call(cb, server, "forward", x, "1")  # over the server's bound
-                assert refused.metadata.get("busy")
-                assert server.replica.in_flight == 3 and server._compute.refused == 2
-                await call(ca, server, "backward", torch.randn(2, 10), "0")  # frees one of a's slots
-                assert (await call(ca, server, "forward", x, "2")).tensors
-            finally:
-                await a.shutdown()
-                await b.shutdown()
+        async with tail_server(config) as server, trainer_peers(2) as (a, b):
+            ca, cb = StageClient(a), StageClient(b)
+            x = torch.randn(2, 64)
+            for mb in ("0", "1"):
+                assert (await call(ca, server, "forward", x, mb)).tensors
+            refused = await call(ca, server, "forward", x, "2")  # over its own bound
+            assert refused.metadata.get("busy") and not refused.tensors
+            assert (await call(cb, server, "forward", x, "0")).tensors
+            refused = await call(cb, server, "forward", x, "1")  # over the server's bound
+            assert refused.metadata.get("busy")
+            assert server.replica.in_flight == 3 and server._compute.refused == 2
+            await call(ca, server, "backward", torch.randn(2, 10), "0")  # frees one of a's slots
+            assert (await call(ca, server, "forward", x, "2")).tensors
 
     asyncio.run(scenario())
 
@@ -126,34 +128,28 @@ def test_a_trainer_dying_with_requests_in_flight_blocks_nobody(tmp_path: Path) -
     )
 
     async def scenario() -> None:
-        async with tail_server(config) as server:
-            doomed, survivor = await P2P.create(), await P2P.create()
-            try:
-                cd, cs = StageClient(doomed), StageClient(survivor)
-                x = torch.randn(2, 64)
-                for mb in ("0", "1"):  # kept by the server, their backward never comes
-                    await call(cd, server, "forward", x, mb)
-                gate = threading.Event()
-                server._compute.submit(Kind.OTHER, gate.wait, 30.0)  # hold the compute thread
-                pending = asyncio.ensure_future(call(cd, server, "forward", x, "2"))
-                await asyncio.sleep(1.0)  # the request is queued on the server
-                await doomed.shutdown()  # the trainer dies with it in flight
-                gate.set()
-                with pytest.raises(Exception):  # noqa: B017 (whatever the dead trainer's call raises)
-                    await pending
-                # The survivor is served: forward and backward, within their timeouts.
-                out = await call(cs, server, "forward", x, "0")
-                assert out.tensors
-                grad = await call(cs, server, "backward", torch.randn(2, 10), "0")
-                assert grad.tensors[0].shape == x.shape
-                # The dead trainer's micro-batches expire like any whose backward never came.
-                dropped = await asyncio.wrap_future(
-                    server._compute.submit(Kind.READ, server.replica.drop_expired, -1.0)
-                )
-                assert dropped == 3 or dropped == 2  # the queued forward ran, or was dropped with its caller
-                assert server.replica.in_flight == 0 and server._compute.pending == 0
-            finally:
-                await survivor.shutdown()
+        async with tail_server(config) as server, trainer_peers(2) as (doomed, survivor):
+            cd, cs = StageClient(doomed), StageClient(survivor)
+            x = torch.randn(2, 64)
+            for mb in ("0", "1"):  # kept by the server, their backward never comes
+                await call(cd, server, "forward", x, mb)
+            gate = threading.Event()
+            server._compute.submit(Kind.OTHER, gate.wait, 30.0)  # hold the compute thread
+            pending = asyncio.ensure_future(call(cd, server, "forward", x, "2"))
+            await asyncio.sleep(1.0)  # the request is queued on the server
+            await doomed.shutdown()  # the trainer dies with it in flight
+            gate.set()
+            with pytest.raises(Exception):  # noqa: B017 (whatever the dead trainer's call raises)
+                await pending
+            # The survivor is served: forward and backward, within their timeouts.
+            out = await call(cs, server, "forward", x, "0")
+            assert out.tensors
+            grad = await call(cs, server, "backward", torch.randn(2, 10), "0")
+            assert grad.tensors[0].shape == x.shape
+            # The dead trainer's micro-batches expire like any whose backward never came.
+            dropped = await asyncio.wrap_future(server._compute.submit(Kind.READ, server.replica.drop_expired, -1.0))
+            assert dropped == 3 or dropped == 2  # the queued forward ran, or was dropped with its caller
+            assert server.replica.in_flight == 0 and server._compute.pending == 0
 
     asyncio.run(scenario())
 
