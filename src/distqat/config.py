@@ -336,6 +336,29 @@ class NetworkConfig(Section):
         description="seconds a stage must stay without replica before a spare of another stage moves to it "
         "(0: servers never move)",
     )
+    # The direct tensor channel (swarm/direct.py): stage tensors over plain TCP instead of through p2pd.
+    tensor_transport: Literal["auto", "p2p"] = Field(
+        "auto",
+        description="how stage tensors travel: 'auto' over a direct TCP connection to servers that announce one "
+        "(p2p when it cannot be reached); 'p2p' always through hivemind's p2pd (encrypted; a server then "
+        "opens no tensor port)",
+    )
+    tensor_host: str | None = Field(
+        None,
+        description="address a server's tensor channel listens on; None: network.host (0.0.0.0 with public_ip)",
+    )
+    tensor_port: int = Field(
+        0, ge=0, le=65535, description="TCP port of a server's tensor channel; 0 picks a free one (firewalls: set it)"
+    )
+    tensor_connect_timeout: float = Field(
+        2.0, gt=0, description="seconds a trainer waits to connect to a tensor channel before it uses p2p"
+    )
+    tensor_fallback_time: float = Field(
+        60.0, ge=0, description="seconds a server whose tensor channel could not be reached is called over p2p"
+    )
+    tensor_max_message_mib: float = Field(
+        1024.0, gt=0, description="largest message (MiB) the tensor channel accepts; larger ones are refused"
+    )
 
     @field_validator("initial_peers", mode="before")
     @classmethod

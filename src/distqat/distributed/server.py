@@ -40,7 +40,7 @@ from distqat.quant.scheme import boundary_quantizer
 from distqat.quant.stages import build_stage
 from distqat.resume import stage_manifest, stage_store
 from distqat.runtime import autocast, resolve_device
-from distqat.swarm import boundary_codecs, records
+from distqat.swarm import boundary_codecs, direct, records
 from distqat.swarm.events import EventLog
 from distqat.swarm.node import start_dht, visible_maddrs
 from distqat.swarm.pipelines import free_expert_index, stage_to_fill, stage_with_fewest_replicas
@@ -520,18 +520,25 @@ async def serve_stages(
     p2p = await dht.replicate_p2p()
     endpoint = StageEndpoint()
     await register_stage_service(p2p, endpoint, count_traffic=endpoint.count_traffic)
+    # Stage tensors also over a direct TCP channel (same endpoint, same counting); the address goes in every record.
+    channel, tensor_addr = await direct.start_for_network(
+        p2p, endpoint, dht.peer_id.to_base58(), config.network, visible_maddrs(dht), endpoint.count_traffic
+    )
     try:
         while not stop.is_set():
             stage, expert_index = await asyncio.to_thread(choose_slot, config, dht, stage, expert_index)
             # In this (main) thread: hivemind's averager installs signal handlers, which only the main thread may.
             built = time.monotonic()
             server = StageServer(config, dht, stage, expert_index)
+            server.info.tensor_addr = tensor_addr
             logger.info("built %s and its averager in %.1f s", server.info.uid, time.monotonic() - built)
             stage = await server.serve(stop, endpoint, ready_file)
             if stage is None:
                 break
             expert_index = None
     finally:
+        if channel is not None:
+            await channel.close()
         await p2p.shutdown()
 
 

@@ -294,7 +294,7 @@ async def _train_in_swarm(
         events.emit("route_lost", uid=uid, why=why)
 
     router = Router(config.model_pipeline.stage_names, ban_time=config.network.ban_time, on_lost=route_lost)
-    pipeline = RemotePipeline(config, StageClient(p2p), router)
+    pipeline = RemotePipeline(config, StageClient.for_network(p2p, config.network), router)
     peer_id = dht.peer_id.to_base58()
     wake = asyncio.Event()
     helpers_stop = threading.Event()
@@ -327,6 +327,7 @@ async def _train_in_swarm(
     finally:
         helpers_stop.set()
         await asyncio.gather(*helpers, return_exceptions=True)
+        pipeline.client.close()
         await p2p.shutdown()
 
 

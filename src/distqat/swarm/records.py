@@ -72,6 +72,8 @@ class ServerInfo(Record):
     utilisation: float = Field(0.0, ge=0, le=1)  # busy time / wall time of its compute thread, last ~5 s
     busy_s: NonNegativeFloat = 0.0  # seconds its compute thread has been busy since it started
     refused: NonNegativeInt = 0  # forwards refused with a busy reply (its queue was full)
+    # Added for the direct tensor channel (optional: older servers do not send it; "" means p2p only).
+    tensor_addr: str = ""  # "host:port" of its direct TCP tensor channel (swarm/direct.py)
 
 
 class TrainerMetrics(Record):

@@ -3,6 +3,10 @@
 We write this instead of using `hivemind.moe`: moe has no call timeout (a call to a killed server hangs),
 re-sends inputs on backward and re-runs forward there. Here the server keeps the caller's inputs
 between forward and backward, and every call is bounded by a timeout and fails with a typed error.
+
+Tensors go over the direct TCP channel (`swarm/direct.py`) to a replica that announces a `tensor_addr`,
+and over p2p otherwise, or when the channel cannot be reached (`network.tensor_transport`); both paths
+carry the same messages to the same service object and fail with the same typed errors.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerI
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
+from distqat.config import NetworkConfig
 from distqat.errors import StageCallError, StageTimeoutError
-from distqat.swarm import wire
+from distqat.swarm import direct, frames, wire
 from distqat.swarm.records import ServerInfo
 
 Method = Literal["forward", "backward"]
@@ -77,9 +82,37 @@ class CallResult:
 class StageClient:
     """Calls stage replicas; every call ends within its timeout, with a result or a StageCallError."""
 
-    def __init__(self, p2p: P2P):
+    def __init__(
+        self,
+        p2p: P2P,
+        tensor_transport: Literal["auto", "p2p"] = "auto",
+        *,
+        connect_timeout: float = 2.0,
+        fallback_time: float = 60.0,
+        max_message_bytes: int = 2**30,
+    ):
         self._p2p = p2p
         self._connected: set[str] = set()
+        self.direct = (
+            direct.DirectClient(self._ticket, connect_timeout, fallback_time, max_message_bytes)
+            if tensor_transport == "auto"
+            else None
+        )
+
+    @classmethod
+    def for_network(cls, p2p: P2P, network: NetworkConfig) -> StageClient:
+        return cls(
+            p2p,
+            network.tensor_transport,
+            connect_timeout=network.tensor_connect_timeout,
+            fallback_time=network.tensor_fallback_time,
+            max_message_bytes=int(network.tensor_max_message_mib * 2**20),
+        )
+
+    def close(self) -> None:
+        """Close the idle direct connections (calls in progress close theirs when they end)."""
+        if self.direct is not None:
+            self.direct.close()
 
     async def call(
         self,
@@ -94,10 +127,12 @@ class StageClient:
             return await asyncio.wait_for(self._call(replica, method, tensors, metadata), timeout)
         except asyncio.TimeoutError:
             raise StageTimeoutError(f"{where} timed out after {timeout:.1f} s") from None
-        except P2PHandlerError as error:
+        except (P2PHandlerError, direct.RemoteError) as error:
             raise StageCallError(f"{where} failed on the server: {_one_line(error)}") from None
         except wire.TruncatedStream:
             raise StageCallError(f"{where} failed: the connection closed before the reply") from None
+        except frames.ProtocolError as error:
+            raise StageCallError(f"{where} failed: malformed reply: {_one_line(error)}") from None
         except (P2PDaemonError, ConnectionError, OSError, asyncio.IncompleteReadError) as error:
             self._connected.discard(replica.peer_id)
             raise StageCallError(f"{where} failed: {_one_line(error)}") from None
@@ -105,13 +140,12 @@ class StageClient:
     async def _call(
         self, replica: ServerInfo, method: Method, tensors: list[torch.Tensor], metadata: dict[str, Any]
     ) -> CallResult:
-        peer_id = PeerID.from_base58(replica.peer_id)
-        if replica.peer_id not in self._connected:
-            # The daemon may not know this peer's addresses yet: hand them over from its DHT record.
-            # The daemon wants transport addresses: without the trailing /p2p/<peer id> part.
-            maddrs = [Multiaddr(maddr.split("/p2p/")[0]) for maddr in replica.maddrs]
-            await self._p2p._client.connect(peer_id, maddrs)
-            self._connected.add(replica.peer_id)
+        if self.direct is not None and self.direct.usable(replica):
+            try:
+                return CallResult(*await self.direct.call(replica, method, tensors, metadata))
+            except direct.ChannelUnavailable:
+                pass  # nothing was sent; logged and remembered by the DirectClient: this call goes over p2p
+        peer_id = await self._connect(replica)
         messages, sent = wire.encode(runtime_pb2.ExpertRequest, tensors, metadata)
         responses = await self._p2p.iterate_protobuf_handler(
             peer_id, HANDLER_NAMES[method], wire.iterate(messages), runtime_pb2.ExpertResponse
@@ -121,6 +155,21 @@ class StageClient:
         finally:
             await responses.aclose()  # close our end: the server's handler is waiting for it
         return CallResult(outputs, out_metadata, sent, received)
+
+    async def _connect(self, replica: ServerInfo) -> PeerID:
+        peer_id = PeerID.from_base58(replica.peer_id)
+        if replica.peer_id not in self._connected:
+            # The daemon may not know this peer's addresses yet: hand them over from its DHT record.
+            # The daemon wants transport addresses: without the trailing /p2p/<peer id> part.
+            maddrs = [Multiaddr(maddr.split("/p2p/")[0]) for maddr in replica.maddrs]
+            await self._p2p._client.connect(peer_id, maddrs)
+            self._connected.add(replica.peer_id)
+        return peer_id
+
+    async def _ticket(self, replica: ServerInfo) -> direct.Ticket:
+        """A ticket for the direct channel, asked over p2p: the server binds it to our authenticated peer id."""
+        await self._connect(replica)
+        return await direct.request_ticket(self._p2p, replica.peer_id)
 
 
 def expect_tensors(result: CallResult, count: int, where: str) -> list[torch.Tensor]:
