@@ -53,15 +53,15 @@ class ConnectionClosed(ConnectionError):
 def describe(tensors: Sequence[torch.Tensor]) -> tuple[list[dict[str, Any]], list[memoryview]]:
     """Each tensor's header entry and its bytes, taken from its memory (a copy only when not contiguous)."""
     specs, buffers = [], []
-    for tensor in tensors:
-        tensor = tensor.detach().cpu().contiguous()
+    for original in tensors:
+        tensor = original.detach().cpu().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         specs.append(
             {
                 "dtype": str(tensor.dtype).removeprefix("torch."),
                 "shape": list(tensor.shape),
                 "nbytes": nbytes,
-                "requires_grad": tensor.requires_grad,
+                "requires_grad": original.requires_grad,
             }
         )
         if nbytes:
