@@ -64,12 +64,17 @@ def role_process(launcher: subprocess.Popen[str], *words: str) -> psutil.Process
 
 
 def test_two_local_swarms_at_once_both_train(tmp_path: Path) -> None:
-    """Ports 0 and a locked log dir: two runs of the same config on one machine do not collide."""
+    """Ports 0 and a locked log dir: two runs of the same config on one machine do not collide. The first sends
+    stage tensors over the direct TCP channel (the default), the second through p2p only."""
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     stale_row = {"steps": 999, "loss": 9.0, "samples_per_s": 9.0, "pipelines": 9, "servers": 9}
     (log_dir / "metrics.jsonl").write_text(json.dumps(stale_row) + "\n")  # an earlier run's
-    runs = [start_local(log_dir, "--max-steps", "30", "--summary", str(tmp_path / f"summary_{i}.json")) for i in (0, 1)]
+    transports = (["--network.tensor-transport", "auto"], ["--network.tensor-transport", "p2p"])
+    runs = [
+        start_local(log_dir, "--max-steps", "30", "--summary", str(tmp_path / f"summary_{i}.json"), *transports[i])
+        for i in (0, 1)
+    ]
     outputs = [run.communicate(timeout=240)[0] for run in runs]
     for run, output in zip(runs, outputs, strict=True):
         assert run.returncode == 0, output
@@ -93,6 +98,13 @@ def test_two_local_swarms_at_once_both_train(tmp_path: Path) -> None:
             assert seen["first_weights_digest"] != seen["last_weights_digest"]  # the servers' weights moved
     for name in ("monitor.log", "client.log", "server_0.log", "server_1.log", "trainer_0.log", "initial_peers.txt"):
         assert (log_dir / name).is_file(), name
+    # Which run got which folder is a race: tell them apart by their servers' channel.
+    direct_dirs = {d for d in used_dirs if "direct tensor channel listening" in (d / "server_0.log").read_text()}
+    assert len(direct_dirs) == 1, "exactly one of the runs serves a direct tensor channel"
+    for d in used_dirs:
+        trainer_log = (d / "trainer_0.log").read_text()
+        assert "unusable" not in trainer_log  # no fallback to p2p in either run
+        assert (trainer_log.count("go over the direct channel") == 2) == (d in direct_dirs), d
     assert "/ip4/127.0.0.1/tcp/" in (log_dir / "initial_peers.txt").read_text()
 
 

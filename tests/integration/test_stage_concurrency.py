@@ -21,6 +21,7 @@ from hivemind.p2p import P2P
 from distqat.config import Config, load_config
 from distqat.distributed.compute_queue import Kind
 from distqat.distributed.server import StageEndpoint, StageServer
+from distqat.swarm import direct
 from distqat.swarm.node import start_dht
 from distqat.swarm.rpc import StageClient, register_stage_service
 
@@ -43,16 +44,23 @@ def tiny_config(tmp_path: Path, *overrides: str) -> Config:
 
 @asynccontextmanager
 async def tail_server(config: Config) -> AsyncIterator[StageServer]:
-    """The tail stage (its inputs need gradients) served over the stage RPC, without heartbeats."""
+    """The tail stage (its inputs need gradients) served over the stage RPC, without heartbeats: on p2p and,
+    unless `network.tensor_transport` is p2p, on the direct channel, which clients then use."""
     dht = start_dht(config.network)
     server = StageServer(config, dht, "tail", 0)
     p2p = await dht.replicate_p2p()
+    channel = None
     try:
         endpoint = StageEndpoint()
         endpoint.server = server
         await register_stage_service(p2p, endpoint)
+        channel, server.info.tensor_addr = await direct.start_for_network(
+            p2p, endpoint, server.info.peer_id, config.network, server.info.maddrs
+        )
         yield server
     finally:
+        if channel is not None:
+            await channel.close()
         server._compute.shutdown(wait=True)
         await p2p.shutdown()
         dht.shutdown()
@@ -122,14 +130,19 @@ def test_queue_bound_answers_busy_and_admits_again_after_a_backward(tmp_path: Pa
     asyncio.run(scenario())
 
 
-def test_a_trainer_dying_with_requests_in_flight_blocks_nobody(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["auto", "p2p"])
+def test_a_trainer_dying_with_requests_in_flight_blocks_nobody(tmp_path: Path, transport: str) -> None:
     config = tiny_config(
-        tmp_path, "--pipelining.server-max-in-flight", "4", "--pipelining.server-max-in-flight-per-trainer", "3"
-    )
+        tmp_path,
+        "--pipelining.server-max-in-flight", "4",
+        "--pipelining.server-max-in-flight-per-trainer", "3",
+        "--network.tensor-transport", transport,
+    )  # fmt: skip
 
     async def scenario() -> None:
         async with tail_server(config) as server, trainer_peers(2) as (doomed, survivor):
-            cd, cs = StageClient(doomed), StageClient(survivor)
+            assert bool(server.info.tensor_addr) == (transport == "auto")
+            cd, cs = StageClient(doomed, transport), StageClient(survivor, transport)
             x = torch.randn(2, 64)
             for mb in ("0", "1"):  # kept by the server, their backward never comes
                 await call(cd, server, "forward", x, mb)
@@ -138,6 +151,7 @@ def test_a_trainer_dying_with_requests_in_flight_blocks_nobody(tmp_path: Path) -
             pending = asyncio.ensure_future(call(cd, server, "forward", x, "2"))
             await asyncio.sleep(1.0)  # the request is queued on the server
             await doomed.shutdown()  # the trainer dies with it in flight
+            cd.close()  # and with it every socket of its direct channel
             gate.set()
             with pytest.raises(Exception):  # noqa: B017 (whatever the dead trainer's call raises)
                 await pending

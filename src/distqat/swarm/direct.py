@@ -412,6 +412,7 @@ class DirectClient:
         self._ticket_locks: dict[str, asyncio.Lock] = {}
         self._fallback_until: dict[str, float] = {}
         self._busy: set[_Connection] = set()
+        self._reached: set[str] = set()  # replicas already reached directly (logged once)
         self._closed = False
         self.fallbacks = 0  # times a replica was switched to p2p
 
@@ -465,7 +466,9 @@ class DirectClient:
         for attempt in range(2):
             ticket = await self._ticket(replica)  # over p2p: its errors are the peer's, not the channel's
             try:
-                return await asyncio.wait_for(self._connect(host, port, ticket, replica.peer_id), self.connect_timeout)
+                connection = await asyncio.wait_for(
+                    self._connect(host, port, ticket, replica.peer_id), self.connect_timeout
+                )
             except TicketRefused as error:
                 self._tickets.pop(replica.peer_id, None)  # the server forgot it (restarted, moved): ask again
                 if attempt:
@@ -474,6 +477,10 @@ class DirectClient:
                 raise self._fall_back(replica, f"no answer within {self.connect_timeout:.1f} s") from None
             except (OSError, frames.ProtocolError) as error:
                 raise self._fall_back(replica, _one_line(error) or type(error).__name__) from None
+            if self._key(replica) not in self._reached:
+                self._reached.add(self._key(replica))
+                logger.info("tensors to %s go over the direct channel at %s", replica.uid, replica.tensor_addr)
+            return connection
         raise AssertionError("unreachable")
 
     def _fall_back(self, replica: ServerInfo, why: str) -> ChannelUnavailable:
