@@ -265,6 +265,8 @@ class DirectServer:
             logger.debug("direct channel: %s sent no hello within %.0f s", address, HELLO_TIMEOUT)
         except (OSError, frames.ConnectionClosed):  # the peer went away: nothing to answer
             pass
+        except Exception as error:  # a bug on our side (say, a reply that is no tensor): this connection only
+            logger.warning("direct channel: connection from %s dropped: %s", address, _one_line(repr(error)))
         finally:
             sock.close()
 
