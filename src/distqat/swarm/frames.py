@@ -3,7 +3,7 @@
 A frame is a 4-byte big-endian header length, a msgpack map, then the bytes of each tensor the map lists
 under "tensors" (one {dtype, shape, nbytes, requires_grad} entry per tensor), back to back. Tensors leave
 from their own memory (a memoryview of the contiguous CPU tensor goes to `sock_sendall`) and arrive with
-`sock_recv_into` straight into the bytearray the received tensor then uses: no copy beyond the kernel's.
+`sock_recv_into` straight into the memory the received tensor then uses: no copy beyond the kernel's.
 
 Everything read from the network is checked before memory is committed to it: the header's size, that it
 is a map, the number of tensors, each dtype against a fixed list, shape x itemsize == nbytes, and the
@@ -165,9 +165,10 @@ async def receive(
         if nbytes == 0:
             tensor = torch.empty(shape, dtype=dtype)
         else:
-            buffer = bytearray(nbytes)  # the received tensor owns this buffer
-            await recv_exactly(sock, memoryview(buffer))
-            tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+            # Uninitialised (no memset of a buffer about to be overwritten); the received tensor owns it.
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            await recv_exactly(sock, memoryview(buffer.numpy()))
+            tensor = buffer.view(dtype).reshape(shape)
         if requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
             tensor.requires_grad_(True)
         tensors.append(tensor)
