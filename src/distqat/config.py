@@ -6,6 +6,7 @@ Every field says its unit. Unknown fields are errors. `load_config` reports any 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -367,6 +368,16 @@ class NetworkConfig(Section):
             return []
         if isinstance(value, str):
             return [peer.strip() for peer in value.split(",") if peer.strip()]
+        return value
+
+    @field_validator("tensor_host")
+    @classmethod
+    def _ipv4_tensor_host(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.IPv4Address(value)
+            except ValueError:
+                raise ValueError(f"'{value}' is not an IPv4 address (the tensor channel announces host:port)") from None
         return value
 
     @model_validator(mode="after")

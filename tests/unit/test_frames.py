@@ -135,3 +135,23 @@ def test_tickets_are_bound_to_a_peer_bounded_and_expire() -> None:
     assert all(book.lookup(ticket.token) is not None for ticket in later)
     time.sleep(0.25)
     assert book.lookup(later[-1].token) is None
+
+
+def test_channel_set_up_from_the_network_config() -> None:
+    from distqat.config import NetworkConfig
+    from distqat.errors import SwarmError
+
+    with pytest.raises(ValueError, match="'localhost' is not an IPv4 address"):
+        NetworkConfig(tensor_host="localhost")
+    # tensor_transport p2p: no listener, nothing announced.
+    assert asyncio.run(direct.start_for_network(None, None, "me", NetworkConfig(tensor_transport="p2p"), [])) == (
+        None,
+        "",
+    )
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        network = NetworkConfig(tensor_port=taken.getsockname()[1])
+        with pytest.raises(SwarmError, match=r"network.tensor_host/tensor_port: cannot listen on 127\.0\.0\.1:\d+: "):
+            asyncio.run(direct.start_for_network(None, None, "me", network, []))
+    finally:
+        taken.close()

@@ -51,6 +51,7 @@ from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from distqat.config import NetworkConfig
+from distqat.errors import SwarmError
 from distqat.swarm import frames
 from distqat.swarm.records import ServerInfo
 
@@ -579,13 +580,19 @@ async def start_for_network(
     if network.tensor_transport == "p2p":
         return None, ""
     bind_host = network.tensor_host or ("0.0.0.0" if network.public_ip else network.host)
-    return await start_direct_server(
-        p2p,
-        service,
-        peer_id,
-        bind_host,
-        network.tensor_port,
-        tensor_host(bind_host, network.public_ip, maddrs),
-        int(network.tensor_max_message_mib * 2**20),
-        count_traffic,
-    )
+    try:
+        return await start_direct_server(
+            p2p,
+            service,
+            peer_id,
+            bind_host,
+            network.tensor_port,
+            tensor_host(bind_host, network.public_ip, maddrs),
+            int(network.tensor_max_message_mib * 2**20),
+            count_traffic,
+        )
+    except OSError as error:
+        raise SwarmError(
+            f"network.tensor_host/tensor_port: cannot listen on {bind_host}:{network.tensor_port}: {error} "
+            "(or set network.tensor_transport: p2p)"
+        ) from None
