@@ -319,7 +319,12 @@ async def _train_in_swarm(
         logger.warning("not routing to %s any more: %s", uid, why)
         events.emit("route_lost", uid=uid, why=why)
 
-    router = Router(config.model_pipeline.stage_names, ban_time=config.network.ban_time, on_lost=route_lost)
+    router = Router(
+        config.model_pipeline.stage_names,
+        ban_time=config.network.ban_time,
+        on_lost=route_lost,
+        on_found=lambda uid: events.emit("route_found", uid=uid),
+    )
     pipeline = RemotePipeline(config, StageClient(p2p), router)
     dialer = ReplicaDialer(pipeline.client, config.network.dht_timeout)
     peer_id = dht.peer_id.to_base58()
