@@ -8,7 +8,8 @@ stage given, and when the run has its steps the events become a timeline and the
 - `detect_s`: kill -> the dead server gone from the routing table of every trainer still training;
 - `reroute_s`: the longest gap between two completed steps (of any trainer) that starts in the 30 s after
   the kill (and before the new server starts), minus the median gap before the kill: the failure's stall;
-- `refill_s`: new server started -> the first micro-batch it trained;
+- `refill_s`: new server started -> the first micro-batch it trained; its parts: `serve_s` (-> it serves,
+  its state loaded and its record in the DHT) and `seen_s` (-> the first trainer has it in its routing table);
 - `steps_lost`: micro-batches dropped after the kill (their work was lost and they were retried);
 - `steps_total`, `step_s` (median gap between steps before the kill).
 """
@@ -38,7 +39,7 @@ from distqat.swarm.uids import parse_uid
 
 STEPS_AFTER_REFILL = 10  # steps the run goes on after the new server trained its first micro-batch
 REROUTE_WINDOW_S = 30.0  # gaps between steps that end this long after the kill count as the failure's stall
-FIGURES = ("detect_s", "reroute_s", "refill_s", "steps_lost", "steps_total", "step_s")
+FIGURES = ("detect_s", "reroute_s", "refill_s", "serve_s", "seen_s", "steps_lost", "steps_total", "step_s")
 
 
 class FailoverError(DistQatError):
@@ -192,6 +193,17 @@ def first_trained_by_new_server(events: list[dict[str, Any]], started_at: float)
     return min(firsts) if firsts else None
 
 
+def refill_parts(events: list[dict[str, Any]], started_at: float) -> tuple[float | None, float | None]:
+    """When the new server (serving after `started_at`) first served, and when a trainer first saw it."""
+    serving = [e for e in events if e["event"] == "serving" and e["t"] > started_at]
+    if not serving:
+        return None, None
+    served_at = serving[0]["t"]
+    seen = [e["t"] for e in events if e["event"] == "route_found" and e["uid"] == serving[0]["uid"]]
+    seen = [t for t in seen if t >= served_at - 1.0]  # the record may reach a trainer before "serving" is written
+    return served_at, (min(seen) if seen else None)
+
+
 def figures(run: FailoverRun) -> dict[str, Any]:
     """The issue's figures, from the events alone."""
     events = run.events
@@ -213,10 +225,13 @@ def figures(run: FailoverRun) -> dict[str, Any]:
     reroute_s = max(around) - step_s if around and step_s is not None else None
     refilled_at = first_trained_by_new_server(events, run.new_server_at) if run.new_server_at is not None else None
     refill_s = refilled_at - run.new_server_at if refilled_at is not None else None
+    served_at, seen_at = refill_parts(events, run.new_server_at) if run.new_server_at is not None else (None, None)
     return {
         "detect_s": detect_s,
         "reroute_s": reroute_s,
         "refill_s": refill_s,
+        "serve_s": served_at - run.new_server_at if served_at is not None else None,
+        "seen_s": seen_at - run.new_server_at if seen_at is not None else None,
         "steps_lost": sum(e["event"] == "step_failed" and e["t"] > run.killed_at for e in events),
         "steps_total": len(step_times),
         "step_s": step_s,
@@ -241,6 +256,8 @@ def timeline(run: FailoverRun) -> Table:
             continue
         if e["event"] == "route_lost":
             rows.append((e["t"], e["role"], f"stopped routing to {e['uid']}: {e['why']}"))
+        elif e["event"] == "route_found" and run.new_server_at is not None and e["t"] > run.new_server_at:
+            rows.append((e["t"], e["role"], f"routing to {e['uid']} (new server)"))
         elif e["event"] == "step_failed":
             rows.append((e["t"], e["role"], f"micro-batch of step {e['step']} dropped, retried"))
         elif e["event"] in ("serving", "first_backward", "moving"):

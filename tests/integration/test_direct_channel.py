@@ -254,3 +254,16 @@ def test_an_unreachable_channel_falls_back_to_p2p_and_is_remembered() -> None:
         asyncio.run(scenario())
     finally:
         silent.close()
+
+
+def test_prepare_opens_a_direct_connection_ahead_of_the_first_call() -> None:
+    async def scenario() -> None:
+        async with echo_server() as served, trainers(1) as (client,):
+            assert await client.prepare(served.info, timeout=20.0)
+            key = client.direct._key(served.info)
+            assert len(client.direct._idle[key]) == 1  # authenticated, waiting in the pool
+            opened = client.direct._idle[key][0]
+            await still_serves(served, client)
+            assert client.direct._idle[key] == [opened] and len(served.traffic["direct"]) == 1
+
+    asyncio.run(scenario())

@@ -62,6 +62,7 @@ def test_a_killed_replica_with_a_spare_costs_at_most_a_retried_micro_batch(tmp_p
         tmp_path, "--replicas", "2", "--kill", "head.0.0.0", "--kill-at-step", "15", "--restart-after", "1"
     )
     assert figures["detect_s"] is not None and figures["refill_s"] is not None
+    assert figures["serve_s"] <= figures["seen_s"] + 1.0 and figures["seen_s"] <= figures["refill_s"]
     assert figures["steps_lost"] <= 1
     assert len(trainer_pids(log_dir)) == 1  # the trainer went on: never stopped or restarted
     assert "starts from a live replica" in (log_dir / "server_new.log").read_text()

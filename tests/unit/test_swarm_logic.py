@@ -194,6 +194,18 @@ def test_router_reports_each_lost_replica_once() -> None:
     assert lost == [(a.uid, "failed a call"), (b.uid, "gone from the DHT")]
 
 
+def test_router_reports_each_new_server_once_even_on_a_dead_ones_uid() -> None:
+    found = []
+    router = Router(["head", "tail"], ban_time=5.0, on_found=found.append)
+    a, b = server("head", 0), server("tail", 0)
+    router.update({"head": [a], "tail": [b]})
+    router.update({"head": [a], "tail": [b]})  # nothing new
+    router.update({"head": [], "tail": [b]})  # a dies
+    newcomer = a.model_copy(update={"peer_id": "another-peer"})  # a new server takes the free index
+    router.update({"head": [newcomer], "tail": [b]})
+    assert found == [a.uid, b.uid, a.uid]
+
+
 def test_router_without_replicas() -> None:
     router = Router(["head", "tail"], ban_time=1.0)
     with pytest.raises(NoReplicaError, match="stage 'tail' has no live replica"):

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -242,23 +243,48 @@ async def train(
         await _cancel_all(running)
 
 
-async def _refresh_routes_once(dht: DHT, config: Config, router: Router) -> None:
+class ReplicaDialer:
+    """Dials every replica the trainer learns of, in the background, before any micro-batch goes there: a
+    server that just filled a gap then gets its first micro-batch without the connection set-up on top."""
+
+    def __init__(self, client: StageClient, timeout: float):
+        self._client, self._timeout = client, timeout
+        self._seen: set[tuple[str, str]] = set()
+        self._dials: set[asyncio.Task] = set()
+
+    def saw(self, replicas: Mapping[str, Sequence[records.ServerInfo]]) -> None:
+        for info in (info for infos in replicas.values() for info in infos):
+            if (info.uid, info.peer_id) not in self._seen:
+                self._seen.add((info.uid, info.peer_id))
+                dial = asyncio.create_task(self._client.prepare(info, self._timeout))
+                self._dials.add(dial)
+                dial.add_done_callback(self._dials.discard)
+
+    async def close(self) -> None:
+        await _cancel_all({dial: None for dial in self._dials})
+
+
+async def _refresh_routes_once(dht: DHT, config: Config, router: Router, dialer: ReplicaDialer | None = None) -> None:
     try:
         replicas = await asyncio.to_thread(
             records.fetch_replicas, dht, config.experiment_prefix, router.stage_names, config.network.dht_timeout
         )
         router.update(replicas)
+        if dialer is not None:
+            dialer.saw(replicas)
     except SwarmError as error:
         logger.warning("could not refresh replicas: %s", error)
 
 
-async def _refresh_routes(dht: DHT, config: Config, router: Router, stop: threading.Event, wake: asyncio.Event):
+async def _refresh_routes(
+    dht: DHT, config: Config, router: Router, stop: threading.Event, wake: asyncio.Event, dialer: ReplicaDialer
+):
     """Refresh every poll period, or at once when a failed step sets `wake`."""
     while not stop.is_set():
         wake.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), config.network.client_poll_period)
-        await _refresh_routes_once(dht, config, router)
+        await _refresh_routes_once(dht, config, router, dialer)
 
 
 async def _publish(dht: DHT, config: Config, record: records.TrainerMetrics) -> None:
@@ -293,14 +319,20 @@ async def _train_in_swarm(
         logger.warning("not routing to %s any more: %s", uid, why)
         events.emit("route_lost", uid=uid, why=why)
 
-    router = Router(config.model_pipeline.stage_names, ban_time=config.network.ban_time, on_lost=route_lost)
+    router = Router(
+        config.model_pipeline.stage_names,
+        ban_time=config.network.ban_time,
+        on_lost=route_lost,
+        on_found=lambda uid: events.emit("route_found", uid=uid),
+    )
     pipeline = RemotePipeline(config, StageClient.for_network(p2p, config.network), router)
+    dialer = ReplicaDialer(pipeline.client, config.network.dht_timeout)
     peer_id = dht.peer_id.to_base58()
     wake = asyncio.Event()
     helpers_stop = threading.Event()
-    await _refresh_routes_once(dht, config, router)
+    await _refresh_routes_once(dht, config, router, dialer)
     helpers = [
-        asyncio.create_task(_refresh_routes(dht, config, router, helpers_stop, wake)),
+        asyncio.create_task(_refresh_routes(dht, config, router, helpers_stop, wake, dialer)),
         asyncio.create_task(_publish_metrics(dht, config, progress, pipeline.traffic, helpers_stop, peer_id)),
     ]
     try:
@@ -327,6 +359,7 @@ async def _train_in_swarm(
     finally:
         helpers_stop.set()
         await asyncio.gather(*helpers, return_exceptions=True)
+        await dialer.close()
         pipeline.client.close()
         await p2p.shutdown()
 

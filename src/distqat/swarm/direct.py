@@ -448,6 +448,17 @@ class DirectClient:
             else:  # broken, timed out or cancelled half-way: its stream may be out of step
                 connection.close()
 
+    async def prepare(self, replica: ServerInfo) -> None:
+        """Open one connection to `replica` ahead of its first call (no-op when one is idle or the channel is
+        unusable: the first call then goes over p2p, as it would have)."""
+        if not self.usable(replica) or self._idle.get(self._key(replica)):
+            return
+        try:
+            connection = await self._acquire(replica)
+        except ChannelUnavailable:
+            return
+        self._release(replica, connection)
+
     def _release(self, replica: ServerInfo, connection: _Connection) -> None:
         idle = self._idle.setdefault(self._key(replica), [])
         if len(idle) < MAX_IDLE_PER_REPLICA:

@@ -3,7 +3,8 @@
 Replicas are drawn at random, weighted by the throughput they announce divided by their queue (SWARM's
 stochastic wiring), so fast, idle replicas get more work and no replica is starved; a replica that failed
 a call is avoided for `ban_time` seconds. `on_lost(uid, why)` is told once when a replica leaves the
-usable set (banned after a failure, or gone from the DHT), which is when failover is detected.
+usable set (banned after a failure, or gone from the DHT), which is when failover is detected;
+`on_found(uid)` when a server (a peer serving a uid) first appears, which is when a gap is seen filled.
 
 A replica that has not measured its throughput yet and that this router has never used gets the next
 micro-batch of its stage at once: a server that just filled a gap starts working within one step, not
@@ -41,22 +42,28 @@ class Router:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_lost: Callable[[str, str], None] | None = None,
+        on_found: Callable[[str], None] | None = None,
     ):
         self.stage_names = list(stage_names)
         self.ban_time = ban_time
         self._rng = rng or random.Random()
         self._clock = clock
-        self._on_lost = on_lost
+        self._on_lost, self._on_found = on_lost, on_found
         self._replicas: dict[str, list[ServerInfo]] = {stage: [] for stage in stage_names}
         self._banned_until: dict[str, float] = {}
         self._probed: set[str] = set()  # unmeasured replicas that already got their first micro-batch
 
     def update(self, replicas_by_stage: Mapping[str, Sequence[ServerInfo]]) -> None:
         before = {info.uid for stage in self.stage_names for info in self.usable(stage)}
+        known = {_ban_key(info) for stage in self.stage_names for info in self._replicas[stage]}
         self._replicas = {stage: list(replicas_by_stage.get(stage, ())) for stage in self.stage_names}
         after = {info.uid for stage in self.stage_names for info in self._replicas[stage]}
         for uid in sorted(before - after):
             self._lost(uid, "gone from the DHT")
+        if self._on_found is not None:
+            for info in (info for stage in self.stage_names for info in self._replicas[stage]):
+                if _ban_key(info) not in known:
+                    self._on_found(info.uid)
 
     def ban(self, replica: ServerInfo) -> None:
         key = _ban_key(replica)

@@ -137,6 +137,27 @@ class StageClient:
             self._connected.discard(replica.peer_id)
             raise StageCallError(f"{where} failed: {_one_line(error)}") from None
 
+    async def prepare(self, replica: ServerInfo, timeout: float) -> bool:
+        """Dial `replica` ahead of its first call, so that the micro-batch that first reaches a new replica does
+        not also wait for the connection set-up (about a second on a busy machine). False if it failed: the
+        first call then dials again and reports the error."""
+        try:
+            await asyncio.wait_for(self._connect(replica), timeout)
+            if self.direct is not None:  # and one connection of the direct channel, ticket included
+                await asyncio.wait_for(self.direct.prepare(replica), timeout)
+            return True
+        except (asyncio.TimeoutError, P2PDaemonError, ConnectionError, OSError):
+            return False
+
+    async def _connect(self, replica: ServerInfo) -> None:
+        if replica.peer_id in self._connected:
+            return
+        # The daemon may not know this peer's addresses yet: hand them over from its DHT record.
+        # The daemon wants transport addresses: without the trailing /p2p/<peer id> part.
+        maddrs = [Multiaddr(maddr.split("/p2p/")[0]) for maddr in replica.maddrs]
+        await self._p2p._client.connect(PeerID.from_base58(replica.peer_id), maddrs)
+        self._connected.add(replica.peer_id)
+
     async def _call(
         self, replica: ServerInfo, method: Method, tensors: list[torch.Tensor], metadata: dict[str, Any]
     ) -> CallResult:
@@ -145,7 +166,8 @@ class StageClient:
                 return CallResult(*await self.direct.call(replica, method, tensors, metadata))
             except direct.ChannelUnavailable:
                 pass  # nothing was sent; logged and remembered by the DirectClient: this call goes over p2p
-        peer_id = await self._connect(replica)
+        peer_id = PeerID.from_base58(replica.peer_id)
+        await self._connect(replica)
         messages, sent = wire.encode(runtime_pb2.ExpertRequest, tensors, metadata)
         responses = await self._p2p.iterate_protobuf_handler(
             peer_id, HANDLER_NAMES[method], wire.iterate(messages), runtime_pb2.ExpertResponse
@@ -155,16 +177,6 @@ class StageClient:
         finally:
             await responses.aclose()  # close our end: the server's handler is waiting for it
         return CallResult(outputs, out_metadata, sent, received)
-
-    async def _connect(self, replica: ServerInfo) -> PeerID:
-        peer_id = PeerID.from_base58(replica.peer_id)
-        if replica.peer_id not in self._connected:
-            # The daemon may not know this peer's addresses yet: hand them over from its DHT record.
-            # The daemon wants transport addresses: without the trailing /p2p/<peer id> part.
-            maddrs = [Multiaddr(maddr.split("/p2p/")[0]) for maddr in replica.maddrs]
-            await self._p2p._client.connect(peer_id, maddrs)
-            self._connected.add(replica.peer_id)
-        return peer_id
 
     async def _ticket(self, replica: ServerInfo) -> direct.Ticket:
         """A ticket for the direct channel, asked over p2p: the server binds it to our authenticated peer id."""
