@@ -117,14 +117,15 @@ class ComputeQueue:
                     return
                 kind, _, future, function, args, done = heapq.heappop(self._heap)
                 self._running_since = time.monotonic()
+            outcome: tuple[bool, Any] | None = None
             try:
                 if future.set_running_or_notify_cancel():
                     try:
                         if kind == Kind.OTHER and self._before_other is not None:
                             self._before_other()
-                        future.set_result(function(*args))
+                        outcome = (True, function(*args))
                     except BaseException as error:  # handed to the awaiting caller
-                        future.set_exception(error)
+                        outcome = (False, error)
             finally:
                 with self._cv:
                     self._busy_s += time.monotonic() - self._running_since
@@ -132,6 +133,13 @@ class ComputeQueue:
                     self.pending -= 1
                 if done is not None:
                     done()
+            # Only now hand over the result: a caller that reacts at once (a fast transport's next forward) must
+            # find this call's admission slot released and the counts settled, or it is refused as busy.
+            if outcome is not None:
+                if outcome[0]:
+                    future.set_result(outcome[1])
+                else:
+                    future.set_exception(outcome[1])
 
     def shutdown(self, wait: bool = True) -> None:
         """Cancel what is queued, let the running call finish (when `wait`), stop the thread."""

@@ -436,6 +436,8 @@ class DirectClient:
         reusable = False
         try:
             result = await connection.request(method, tensors, metadata, self.max_bytes)
+            if self._closed:  # closed under the call: a reply that still came in is not handed out
+                raise frames.ConnectionClosed("the stage client was closed during the call")
             reusable = True
             return result
         except RemoteError:

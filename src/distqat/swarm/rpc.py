@@ -110,7 +110,7 @@ class StageClient:
         )
 
     def close(self) -> None:
-        """Close the idle direct connections (calls in progress close theirs when they end)."""
+        """Close every direct connection; calls in progress fail with a StageCallError."""
         if self.direct is not None:
             self.direct.close()
 
