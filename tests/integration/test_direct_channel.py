@@ -16,7 +16,7 @@ import torch
 from hivemind.p2p import P2P
 
 from distqat.errors import StageCallError, StageTimeoutError
-from distqat.swarm import direct, frames
+from distqat.swarm import direct, frames, tickets
 from distqat.swarm.records import ServerInfo
 from distqat.swarm.rpc import StageClient, register_stage_service
 
@@ -156,7 +156,7 @@ def test_a_failing_call_is_reported_and_the_connection_serves_the_next() -> None
     asyncio.run(scenario())
 
 
-async def raw_connection(served: Served, ticket: direct.Ticket | None, peer: str | None = None) -> socket.socket:
+async def raw_connection(served: Served, ticket: tickets.Ticket | None, peer: str | None = None) -> socket.socket:
     """A hand-made client connection: greeting read, hello sent (with `ticket`'s proof, or a forged one)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket()
@@ -167,7 +167,7 @@ async def raw_connection(served: Served, ticket: direct.Ticket | None, peer: str
     await frames.recv_exactly(sock, memoryview(greeting))
     nonce = bytes(greeting[len(direct.GREETING) :])
     token, secret = (ticket.token, ticket.secret) if ticket else ("forged", b"x" * 32)
-    hello = {"token": token, "peer": peer or served.info.peer_id, "mac": direct._mac(secret, b"client", nonce)}
+    hello = {"token": token, "peer": peer or served.info.peer_id, "mac": tickets.mac(secret, b"client", nonce)}
     await frames.send(sock, hello)
     return sock
 
@@ -192,7 +192,7 @@ def test_bad_tickets_malformed_and_oversize_requests_are_refused_and_the_server_
             await still_serves(served, client)
 
             # A real ticket, then garbage: a clear line, the connection closed, the server still serving.
-            ticket = await direct.request_ticket(client._p2p, served.info.peer_id)
+            ticket = await tickets.request_ticket(client._p2p, served.info.peer_id)
             sock = await raw_connection(served, ticket)
             assert (await frames.receive(sock, 4096))[0]["ok"] is True
             bad = {"method": "forward", "metadata": {}, "tensors": [{"dtype": "float99", "shape": [1], "nbytes": 4}]}

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import torch
 
-from distqat.swarm import direct, frames
+from distqat.swarm import direct, frames, tickets
 
 
 def exchange(header: dict, tensors: list[torch.Tensor], max_bytes: int = 2**30, raw: bytes | None = None):
@@ -126,11 +126,11 @@ def test_announced_host_and_address_parsing() -> None:
 
 
 def test_tickets_are_bound_to_a_peer_bounded_and_expire() -> None:
-    book = direct.TicketBook(ttl=0.2)
+    book = tickets.TicketBook(ttl=0.2)
     first = book.issue("peer-a")
     assert book.lookup(first.token).peer_id == "peer-a"
     assert book.lookup("forged") is None and book.lookup(None) is None
-    later = [book.issue("peer-a") for _ in range(direct.TICKETS_PER_PEER)]
+    later = [book.issue("peer-a") for _ in range(tickets.TICKETS_PER_PEER)]
     assert book.lookup(first.token) is None  # the oldest of a peer's tickets is revoked
     assert all(book.lookup(ticket.token) is not None for ticket in later)
     time.sleep(0.25)

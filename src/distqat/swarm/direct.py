@@ -10,18 +10,9 @@ default), announced in `ServerInfo.tensor_addr` as "host:port". Every request is
 service object the p2p handlers call (`StageEndpoint`), with the same `caller` and the same traffic
 counting, so admission, busy replies, weight stashing and stage moves behave the same on both paths.
 
-Who is calling. The server keys per-trainer admission and each trainer's kept forward graphs by the
-caller's peer id, so a TCP caller must not be able to claim another id. A trainer first asks the server,
-over p2p (whose transport authenticates peer ids), for a ticket (`distqat.stage.open_channel`): a random
-token id and a 32-byte secret, bound by the server to the asking peer id, valid for TICKET_TTL seconds
-(at most TICKETS_PER_PEER live per peer). p2p carries the secret encrypted. On a new TCP connection the
-server sends a fresh random nonce; the trainer answers with the token id, the server peer id it means to
-reach, and HMAC-SHA256(secret, "client" + nonce); the server answers HMAC(secret, "server" + nonce), so
-each side knows the other holds the secret, the secret never crosses TCP, and a recorded hello cannot
-be replayed on another connection. The connection then carries that peer id's calls until it closes.
-What this does not give: the tensors themselves cross TCP unencrypted and unauthenticated per message,
-so an on-path attacker could read or alter them (or hijack the connection). Use `network.tensor_transport:
-p2p` where the network between peers is not trusted.
+Who is calling: a TCP caller proves the peer id p2p authenticated with a ticket (`swarm/tickets.py`,
+which also says what this does not protect). Use `network.tensor_transport: p2p` where the network
+between peers is not trusted.
 
 Connections carry one call at a time; a trainer keeps a pool of idle ones per replica, so micro-batches
 in flight use one connection each. A call that fails half-way, times out or is cancelled closes its
@@ -33,39 +24,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import ipaddress
 import logging
 import secrets
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import torch
-from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID
-from hivemind.proto import runtime_pb2
+from hivemind.p2p import P2P
 
 from distqat.config import NetworkConfig
 from distqat.errors import SwarmError
 from distqat.swarm import frames
 from distqat.swarm.records import ServerInfo
+from distqat.swarm.tickets import ChannelUnavailable, Ticket, TicketBook, TicketRefused, mac, register_channel_opener
 
 logger = logging.getLogger(__name__)
 
-OPEN_CHANNEL = "distqat.stage.open_channel"
 GREETING = b"DQTC\x01"  # magic and protocol version, then a 32-byte nonce
 NONCE_BYTES = 32
 HELLO_MAX_BYTES = 4096  # a hello is ~150 bytes: an unauthenticated peer gets no more memory than this
 HELLO_TIMEOUT = 10.0  # seconds a new connection may take to prove its ticket
-TICKET_TTL = 600.0  # seconds a ticket opens connections (open ones stay authenticated)
 TICKET_MARGIN = 60.0  # a trainer asks for a new ticket when less than this is left of its current one
-TICKETS_PER_PEER = 4
-MAX_TICKETS = 4096
 MAX_CONNECTIONS = 1024  # open connections per server (each holds a task; idle ones cost only a socket)
 MAX_IDLE_PER_REPLICA = 16  # idle connections a trainer keeps to one replica
 METHODS = ("forward", "backward")
@@ -74,83 +57,8 @@ DISCARD_TIMEOUT = 10.0  # seconds the server keeps reading (and dropping) the pa
 Service = Any  # a StageService (swarm/rpc.py); not imported here to keep rpc -> direct one-way
 
 
-class ChannelUnavailable(Exception):
-    """The direct channel to this replica cannot be used now (no address, unreachable, refused): use p2p."""
-
-
 class RemoteError(Exception):
     """The server ran the call and it failed there; the connection stays usable."""
-
-
-class TicketRefused(Exception):
-    """The server did not accept our ticket in the hello (expired, revoked, or another server now)."""
-
-
-@dataclass
-class Ticket:
-    token: str
-    secret: bytes
-    expires_at: float  # time.monotonic() on the side that holds it
-    peer_id: str = ""  # server side: the peer the ticket was issued to
-
-
-def _mac(secret: bytes, role: bytes, nonce: bytes) -> bytes:
-    return hmac.new(secret, role + nonce, hashlib.sha256).digest()
-
-
-class TicketBook:
-    """The server's tickets: token id -> (caller peer id, secret, expiry); bounded per peer and in all."""
-
-    def __init__(self, ttl: float = TICKET_TTL):
-        self.ttl = ttl
-        self._tickets: OrderedDict[str, Ticket] = OrderedDict()  # oldest first
-
-    def issue(self, peer_id: str) -> Ticket:
-        now = time.monotonic()
-        for token in [token for token, ticket in self._tickets.items() if ticket.expires_at <= now]:
-            del self._tickets[token]
-        held = [token for token, ticket in self._tickets.items() if ticket.peer_id == peer_id]
-        for token in held[: max(0, len(held) - TICKETS_PER_PEER + 1)]:
-            del self._tickets[token]
-        while len(self._tickets) >= MAX_TICKETS:
-            self._tickets.popitem(last=False)
-        ticket = Ticket(secrets.token_hex(16), secrets.token_bytes(32), now + self.ttl, peer_id)
-        self._tickets[ticket.token] = ticket
-        return ticket
-
-    def lookup(self, token: Any) -> Ticket | None:
-        ticket = self._tickets.get(token) if isinstance(token, str) else None
-        return ticket if ticket is not None and ticket.expires_at > time.monotonic() else None
-
-
-async def register_channel_opener(p2p: P2P, tickets: TicketBook) -> None:
-    """The p2p handler that hands a calling peer a ticket bound to its (transport-authenticated) peer id."""
-
-    async def open_channel(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        ticket = tickets.issue(context.remote_id.to_base58())
-        reply = {"token": ticket.token, "secret": ticket.secret, "ttl": tickets.ttl}
-        return runtime_pb2.ExpertResponse(metadata=msgpack.packb(reply, use_bin_type=True))
-
-    await p2p.add_protobuf_handler(OPEN_CHANNEL, open_channel, runtime_pb2.ExpertRequest)
-
-
-async def request_ticket(p2p: P2P, peer_id: str) -> Ticket:
-    """A ticket from the server `peer_id` over p2p. A server without the handler (an older version) or with a
-    bad answer raises ChannelUnavailable; daemon errors (the peer is unreachable) propagate."""
-    try:
-        response = await p2p.call_protobuf_handler(
-            PeerID.from_base58(peer_id), OPEN_CHANNEL, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
-        )
-    except P2PHandlerError as error:
-        raise ChannelUnavailable(f"the server gave no ticket: {_one_line(error)}") from None
-    try:
-        reply = msgpack.unpackb(response.metadata, raw=False)
-        token, secret, ttl = reply["token"], reply["secret"], float(reply["ttl"])
-        if not isinstance(token, str) or not isinstance(secret, bytes) or len(secret) < 16:
-            raise ValueError("token or secret of the wrong type")
-    except Exception as error:  # whatever a buggy or hostile peer sent
-        raise ChannelUnavailable(f"malformed ticket: {type(error).__name__}: {error}") from None
-    return Ticket(token, secret, time.monotonic() + ttl)
 
 
 def _configure(sock: socket.socket) -> None:
@@ -250,10 +158,10 @@ class DirectServer:
         if ticket is None:
             await self._refuse(sock, address, "unknown or expired ticket")
             return None
-        if not isinstance(proof, bytes) or not hmac.compare_digest(proof, _mac(ticket.secret, b"client", nonce)):
+        if not isinstance(proof, bytes) or not hmac.compare_digest(proof, mac(ticket.secret, b"client", nonce)):
             await self._refuse(sock, address, "the hello does not prove its ticket")
             return None
-        await frames.send(sock, {"ok": True, "mac": _mac(ticket.secret, b"server", nonce)})
+        await frames.send(sock, {"ok": True, "mac": mac(ticket.secret, b"server", nonce)})
         return ticket.peer_id
 
     async def _serve_connection(self, sock: socket.socket, address: Any) -> None:
@@ -532,7 +440,7 @@ class DirectClient:
                 raise frames.ProtocolError(f"{host}:{port} is not a DistQat tensor channel of this version")
             nonce = bytes(greeting[len(GREETING) :])
             await frames.send(
-                sock, {"token": ticket.token, "peer": peer_id, "mac": _mac(ticket.secret, b"client", nonce)}
+                sock, {"token": ticket.token, "peer": peer_id, "mac": mac(ticket.secret, b"client", nonce)}
             )
             got = await frames.receive(sock, HELLO_MAX_BYTES)
             assert got is not None
@@ -540,7 +448,7 @@ class DirectClient:
             if "error" in header:
                 raise TicketRefused(_one_line(str(header["error"])))
             proof = header.get("mac")
-            if not isinstance(proof, bytes) or not hmac.compare_digest(proof, _mac(ticket.secret, b"server", nonce)):
+            if not isinstance(proof, bytes) or not hmac.compare_digest(proof, mac(ticket.secret, b"server", nonce)):
                 raise frames.ProtocolError(f"{host}:{port} did not prove it holds the ticket of peer {peer_id}")
         except BaseException:
             sock.close()

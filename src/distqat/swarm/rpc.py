@@ -23,7 +23,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from distqat.config import NetworkConfig
 from distqat.errors import StageCallError, StageTimeoutError
-from distqat.swarm import direct, frames, wire
+from distqat.swarm import direct, frames, tickets, wire
 from distqat.swarm.records import ServerInfo
 
 Method = Literal["forward", "backward"]
@@ -178,10 +178,10 @@ class StageClient:
             await responses.aclose()  # close our end: the server's handler is waiting for it
         return CallResult(outputs, out_metadata, sent, received)
 
-    async def _ticket(self, replica: ServerInfo) -> direct.Ticket:
+    async def _ticket(self, replica: ServerInfo) -> tickets.Ticket:
         """A ticket for the direct channel, asked over p2p: the server binds it to our authenticated peer id."""
         await self._connect(replica)
-        return await direct.request_ticket(self._p2p, replica.peer_id)
+        return await tickets.request_ticket(self._p2p, replica.peer_id)
 
 
 def expect_tensors(result: CallResult, count: int, where: str) -> list[torch.Tensor]:
