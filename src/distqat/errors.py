@@ -40,3 +40,9 @@ class StageBusyError(SwarmError):
 
 class NoReplicaError(SwarmError):
     """A stage has no live replica to route to."""
+
+
+def last_line(error: BaseException | str) -> str:
+    """The last line of an error's text (hivemind and libp2p put the cause there, under a traceback)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__

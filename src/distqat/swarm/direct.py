@@ -37,7 +37,7 @@ import torch
 from hivemind.p2p import P2P
 
 from distqat.config import NetworkConfig
-from distqat.errors import SwarmError
+from distqat.errors import SwarmError, last_line
 from distqat.swarm import frames
 from distqat.swarm.records import ServerInfo
 from distqat.swarm.tickets import ChannelUnavailable, Ticket, TicketBook, TicketRefused, mac, register_channel_opener
@@ -64,11 +64,6 @@ class RemoteError(Exception):
 def _configure(sock: socket.socket) -> None:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a header and its payload must not wait for an ACK
-
-
-def _one_line(error: BaseException | str) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
 
 
 class DirectServer:
@@ -175,7 +170,7 @@ class DirectServer:
         except (OSError, frames.ConnectionClosed):  # the peer went away: nothing to answer
             pass
         except Exception as error:  # a bug on our side (say, a reply that is no tensor): this connection only
-            logger.warning("direct channel: connection from %s dropped: %s", address, _one_line(repr(error)))
+            logger.warning("direct channel: connection from %s dropped: %s", address, last_line(repr(error)))
         finally:
             sock.close()
 
@@ -234,7 +229,7 @@ class DirectServer:
         try:
             outputs, out_metadata = task.result()
         except Exception as error:  # the service's own failure: reported to the caller, the server goes on
-            return [], {}, _one_line(repr(error))
+            return [], {}, last_line(repr(error))
         return list(outputs), dict(out_metadata), None
 
 
@@ -289,7 +284,7 @@ class _Connection:
         assert got is not None
         header, outputs, received = got
         if "error" in header:
-            raise RemoteError(_one_line(str(header["error"])))
+            raise RemoteError(last_line(str(header["error"])))
         out_metadata = header.get("metadata")
         if not isinstance(out_metadata, dict):
             raise frames.ProtocolError("the reply has no metadata map")
@@ -400,7 +395,7 @@ class DirectClient:
             except asyncio.TimeoutError:
                 raise self._fall_back(replica, f"no answer within {self.connect_timeout:.1f} s") from None
             except (OSError, frames.ProtocolError) as error:
-                raise self._fall_back(replica, _one_line(error) or type(error).__name__) from None
+                raise self._fall_back(replica, last_line(error) or type(error).__name__) from None
             if self._key(replica) not in self._reached:
                 self._reached.add(self._key(replica))
                 logger.info("tensors to %s go over the direct channel at %s", replica.uid, replica.tensor_addr)
@@ -446,7 +441,7 @@ class DirectClient:
             assert got is not None
             header = got[0]
             if "error" in header:
-                raise TicketRefused(_one_line(str(header["error"])))
+                raise TicketRefused(last_line(str(header["error"])))
             proof = header.get("mac")
             if not isinstance(proof, bytes) or not hmac.compare_digest(proof, mac(ticket.secret, b"server", nonce)):
                 raise frames.ProtocolError(f"{host}:{port} did not prove it holds the ticket of peer {peer_id}")

@@ -22,7 +22,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from distqat.config import NetworkConfig
-from distqat.errors import StageCallError, StageTimeoutError
+from distqat.errors import StageCallError, StageTimeoutError, last_line
 from distqat.swarm import direct, frames, tickets, wire
 from distqat.swarm.records import ServerInfo
 
@@ -128,14 +128,14 @@ class StageClient:
         except asyncio.TimeoutError:
             raise StageTimeoutError(f"{where} timed out after {timeout:.1f} s") from None
         except (P2PHandlerError, direct.RemoteError) as error:
-            raise StageCallError(f"{where} failed on the server: {_one_line(error)}") from None
+            raise StageCallError(f"{where} failed on the server: {last_line(error)}") from None
         except wire.TruncatedStream:
             raise StageCallError(f"{where} failed: the connection closed before the reply") from None
         except frames.ProtocolError as error:
-            raise StageCallError(f"{where} failed: malformed reply: {_one_line(error)}") from None
+            raise StageCallError(f"{where} failed: malformed reply: {last_line(error)}") from None
         except (P2PDaemonError, ConnectionError, OSError, asyncio.IncompleteReadError) as error:
             self._connected.discard(replica.peer_id)
-            raise StageCallError(f"{where} failed: {_one_line(error)}") from None
+            raise StageCallError(f"{where} failed: {last_line(error)}") from None
 
     async def prepare(self, replica: ServerInfo, timeout: float) -> bool:
         """Dial `replica` ahead of its first call, so that the micro-batch that first reaches a new replica does
@@ -189,8 +189,3 @@ def expect_tensors(result: CallResult, count: int, where: str) -> list[torch.Ten
     if len(result.tensors) != count:
         raise StageCallError(f"{where}: expected {count} tensors in the reply, got {len(result.tensors)}")
     return result.tensors
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__

@@ -29,6 +29,8 @@ import msgpack
 from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
+from distqat.errors import last_line
+
 OPEN_CHANNEL = "distqat.stage.open_channel"
 TICKET_TTL = 600.0  # seconds a ticket opens connections (open ones stay authenticated)
 TICKETS_PER_PEER = 4
@@ -99,7 +101,7 @@ async def request_ticket(p2p: P2P, peer_id: str) -> Ticket:
             PeerID.from_base58(peer_id), OPEN_CHANNEL, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
         )
     except P2PHandlerError as error:
-        raise ChannelUnavailable(f"the server gave no ticket: {_last_line(error)}") from None
+        raise ChannelUnavailable(f"the server gave no ticket: {last_line(error)}") from None
     try:
         reply = msgpack.unpackb(response.metadata, raw=False)
         token, secret, ttl = reply["token"], reply["secret"], float(reply["ttl"])
@@ -108,8 +110,3 @@ async def request_ticket(p2p: P2P, peer_id: str) -> Ticket:
     except Exception as error:  # whatever a buggy or hostile peer sent
         raise ChannelUnavailable(f"malformed ticket: {type(error).__name__}: {error}") from None
     return Ticket(token, secret, time.monotonic() + ttl)
-
-
-def _last_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
