@@ -395,7 +395,7 @@ class DirectClient:
             except asyncio.TimeoutError:
                 raise self._fall_back(replica, f"no answer within {self.connect_timeout:.1f} s") from None
             except (OSError, frames.ProtocolError) as error:
-                raise self._fall_back(replica, last_line(error) or type(error).__name__) from None
+                raise self._fall_back(replica, last_line(error)) from None
             if self._key(replica) not in self._reached:
                 self._reached.add(self._key(replica))
                 logger.info("tensors to %s go over the direct channel at %s", replica.uid, replica.tensor_addr)
