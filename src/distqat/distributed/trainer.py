@@ -264,14 +264,13 @@ class ReplicaDialer:
         await _cancel_all({dial: None for dial in self._dials})
 
 
-async def _refresh_routes_once(dht: DHT, config: Config, router: Router, dialer: ReplicaDialer | None = None) -> None:
+async def _refresh_routes_once(dht: DHT, config: Config, router: Router, dialer: ReplicaDialer) -> None:
     try:
         replicas = await asyncio.to_thread(
             records.fetch_replicas, dht, config.experiment_prefix, router.stage_names, config.network.dht_timeout
         )
         router.update(replicas)
-        if dialer is not None:
-            dialer.saw(replicas)
+        dialer.saw(replicas)
     except SwarmError as error:
         logger.warning("could not refresh replicas: %s", error)
 
